@@ -1,0 +1,130 @@
+"""Training of the mapper on cached features: AdamW, warm-up + cosine, model selection on dev rsum."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crossalign.align.data import PairedFeatures
+from crossalign.align.loss import ClipLoss
+from crossalign.align.mapper import JointMapper
+from crossalign.align.metrics import retrieval_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """The best mapper found, its dev metrics and the training curve."""
+
+    model: JointMapper
+    best_step: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class OneCaptionPerImageSampler:
+    """Batches of distinct images, each with one of its captions drawn at random.
+
+    Captions of one image never share a batch, so none is used as a negative of its own image.
+    """
+
+    def __init__(self, caption_image: torch.Tensor, n_images: int, batch_size: int, generator: torch.Generator):
+        order = torch.argsort(caption_image, stable=True)
+        counts = torch.bincount(caption_image, minlength=n_images)
+        self._captions_by_image = order
+        self._offsets = torch.cumsum(counts, 0) - counts
+        self._counts = counts
+        self._images = torch.nonzero(counts > 0).flatten()
+        self._batch_size = min(batch_size, len(self._images))
+        self._generator = generator
+        self._queue = torch.empty(0, dtype=torch.long)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._queue) < self._batch_size:  # a new epoch over the images
+            self._queue = self._images[torch.randperm(len(self._images), generator=self._generator)]
+        images, self._queue = self._queue[:self._batch_size], self._queue[self._batch_size:]
+        pick = (torch.rand(len(images), generator=self._generator) * self._counts[images]).long()
+        return images, self._captions_by_image[self._offsets[images] + pick]
+
+
+@torch.no_grad()
+def evaluate_mapper(model: JointMapper, data: PairedFeatures) -> dict[str, float]:
+    """Retrieval metrics of `model` on a split's features (the standard protocol)."""
+    model.eval()
+    return retrieval_metrics(model.encode_image(data.images), model.encode_text(data.captions), data.caption_image)
+
+
+def train_mapper(
+    train: PairedFeatures, dev: PairedFeatures, *, dim: int = 1024, steps: int = 1500, batch_size: int = 512,
+    lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100, input_dropout: float = 0.5,
+    init_temperature: float = 0.07, eval_every: int = 100, patience: int = 5, seed: int = 0,
+) -> TrainResult:
+    """Train a `JointMapper` with symmetric InfoNCE on `train`; keep the state with the best dev rsum.
+
+    Deterministic for a given seed. Stops early after `patience` evaluations without improvement.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = JointMapper(train.images.shape[1], train.captions.shape[1], dim, input_dropout, init_temperature)
+    model.fit_standardisation(train.images, train.captions)
+    sampler = OneCaptionPerImageSampler(train.caption_image, len(train.images), batch_size, generator)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup_steps, steps))
+    loss_fn = ClipLoss()
+    best = TrainResult(model=copy.deepcopy(model), best_step=0, metrics=evaluate_mapper(model, dev))
+    start, stale, running = time.perf_counter(), 0, float("nan")
+    with tqdm(range(1, steps + 1), desc="train mapper", unit="step", disable=None) as bar:
+        for step in bar:
+            model.train()
+            images, captions = next(sampler)
+            loss = loss_fn(model.encode_image(train.images[images]), model.encode_text(train.captions[captions]),
+                           model.scale())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running = loss.item() if math.isnan(running) else 0.9 * running + 0.1 * loss.item()
+            if step % eval_every and step != steps:
+                continue
+            metrics = evaluate_mapper(model, dev)
+            best.history.append({"step": step, "loss": round(running, 4), "dev_rsum": metrics["rsum"]})
+            bar.set_postfix(loss=f"{running:.3f}", dev_rsum=f"{metrics['rsum']:.1f}")
+            if metrics["rsum"] > best.metrics["rsum"]:
+                best.model, best.best_step, best.metrics, stale = copy.deepcopy(model), step, metrics, 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    logger.info("early stop at step %d: no dev improvement in %d evaluations", step, patience)
+                    break
+    best.model.eval()
+    best.seconds = round(time.perf_counter() - start, 2)
+    logger.info("best dev rsum %.2f at step %d (%.1fs)", best.metrics["rsum"], best.best_step, best.seconds)
+    return best
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def split_fraction(data: PairedFeatures, fraction: float, seed: int = 0) -> PairedFeatures:
+    """A random `fraction` of the images of `data` with their captions (for data-efficiency runs)."""
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.permutation(len(data.image_ids))[: max(1, int(round(fraction * len(data.image_ids))))])
+    return data.subset_images(keep)

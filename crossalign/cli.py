@@ -1,0 +1,211 @@
+"""The `crossalign` command: builds the same `PipelineConfig` the flows take, and shows people the results.
+
+Every error a user can cause ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+
+from crossalign.config import CorpusConfig, ExtractConfig, PipelineConfig, TrainConfig
+
+app = typer.Typer(
+    name="crossalign", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Align images and text in one embedding space: ingest, extract, train, embed, search.",
+)
+
+Workspace_ = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace directory (all tables).")]
+Corpus_ = Annotated[Path, typer.Option("--corpus", "-c", help="Corpus folder holding captions.jsonl and images.")]
+TrainSplit = Annotated[str, typer.Option(help="Split to train on.")]
+EvalSplit = Annotated[str, typer.Option(help="Split to select the mapper on and report.")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from crossalign.align import MapperMismatchError
+    from crossalign.corpus.folder import CorpusConfigError
+    from crossalign.extract import FeatureMismatchError
+    from crossalign.search import QueryError
+    from crossalign.workspace import WorkspaceError
+
+    return (CorpusConfigError, WorkspaceError, QueryError, MapperMismatchError, FeatureMismatchError,
+            ValidationError, ValueError, FileNotFoundError)
+
+
+def _friendly(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn the errors a user can cause into one line on stderr and exit code 2."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except _user_errors() as err:
+            message = str(err).splitlines()[0] if not isinstance(err, ValidationError) else _validation(err)
+            typer.secho(f"error: {message}", err=True, fg="red")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _validation(err: ValidationError) -> str:
+    first = err.errors()[0]
+    return f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, **sections: Any) -> PipelineConfig:
+    return PipelineConfig(
+        workspace=workspace, corpus=CorpusConfig(root=corpus),
+        extract=ExtractConfig(**sections.get("extract", {})),
+        train=TrainConfig(train_split=train_split, eval_split=eval_split, **sections.get("train", {})),
+        **{k: v for k, v in sections.items() if k not in {"extract", "train"}},
+    )
+
+
+@app.command()
+@_friendly
+def run(
+    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
+    eval_split: EvalSplit = "dev",
+    steps: Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")] = 1500,
+    retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
+    query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
+) -> None:
+    """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
+    config = _config(corpus, workspace, train_split, eval_split, extract={"device": device, "precision": precision},
+                     train={"steps": steps}, retrain=retrain, queries=query or [])
+    if not config.corpus.root.is_dir():
+        raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
+    from flows.pipeline import pipeline
+
+    result = pipeline(config)
+    _print_run(result, config)
+
+
+def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
+    from crossalign.align import metrics_table
+
+    ingest = result["ingest"]
+    typer.echo(f"\ningested {ingest['images']} images, {ingest['captions']} captions, {ingest['rejected']} rejected")
+    for s in result["extract"]:
+        typer.echo(f"extracted {s['encoder']}: {s['encoded']} new ({s['items_per_s']}/s, {s['precision']}), "
+                   f"{s['already_done']} already done, {s['failed']} failed")
+    typer.echo(f"\nretrieval on {config.train.eval_split} (mapper {result['metrics']['mapper_id']}):")
+    typer.echo(metrics_table(result["metrics"]))
+    typer.echo("\nsample text -> image searches:")
+    for sample in result["samples"]:
+        typer.echo(f"  {sample['query']!r}")
+        for hit in sample["hits"]:
+            typer.echo(f"    {hit['rank']}. {hit['score']:.3f}  {hit['uri']}")
+    typer.echo(f"\ntables: {result['embed']['lancedb_uri']} (images: {result['embed']['images_in_table']} rows, "
+               f"captions: {result['embed']['captions_in_table']} rows)")
+
+
+@app.command()
+@_friendly
+def evaluate(
+    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"),
+    split: Annotated[str, typer.Option(help="Corpus split to evaluate on.")] = "dev",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Evaluate the workspace's current mapper on a corpus split (ingesting and extracting what is missing)."""
+    from crossalign.align import evaluate_current_mapper, load_mapper, metrics_table
+    from crossalign.corpus import ingest_corpus
+    from crossalign.extract import extract_image_features, extract_text_features
+    from crossalign.workspace import Workspace
+
+    _log_to_stderr()
+    ws = Workspace(workspace)
+    _, mapper = load_mapper(ws.require_current_mapper())
+    corpus_config = CorpusConfig(root=corpus)
+    ingest_corpus(corpus_config.root, ws, corpus_config.corpus_name)
+    extract_image_features(ws, corpus_config.corpus_name, mapper["image_encoder"]["encoder"], split=split)
+    extract_text_features(ws, corpus_config.corpus_name, mapper["text_encoder"]["encoder"], split=split)
+    metrics = evaluate_current_mapper(ws, corpus_config.corpus_name, split)
+    typer.echo(json.dumps(metrics) if as_json else metrics_table(metrics))
+
+
+@app.command()
+@_friendly
+def search(
+    workspace: Workspace_ = Path("crossalign-data"),
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Find images for this text.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", "-i", help="Find captions for this image file.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")] = 5,
+    split: Annotated[Optional[str], typer.Option(help="Only results of this split.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Search the tables: --text "..." (text -> image) or --image FILE (image -> text)."""
+    from crossalign.search import Searcher
+
+    if (text is None) == (image is None):
+        raise ValueError("give exactly one of --text or --image")
+    searcher = Searcher(workspace)
+    if text is not None:
+        hits = searcher.text_to_image(text, limit, split)
+    else:
+        hits = searcher.image_to_text(image, limit, split)
+    if not hits:
+        typer.secho("no results", err=True)
+        raise typer.Exit(1)
+    for hit in hits:
+        if as_json:
+            typer.echo(json.dumps(hit.to_dict()))
+        else:
+            typer.echo(f"{hit.rank:>3}  {hit.score:.3f}  {hit.uri if hit.uri is not None else hit.text}")
+
+
+def _stage_command(stage: str, summary: str) -> None:
+    """Register `crossalign <stage>`: runs the Prefect flow of that one stage and prints its summary as JSON."""
+
+    def command(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
+                eval_split: EvalSplit = "dev") -> None:
+        config = _config(corpus, workspace, train_split, eval_split)
+        flow = getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
+        typer.echo(json.dumps(flow(config), indent=2, default=str))
+
+    command.__doc__ = summary
+    app.command(stage)(_friendly(command))
+
+
+_stage_command("ingest", "Ingest a corpus into the workspace's canonical tables (the `ingest` flow).")
+_stage_command("extract", "Extract the image and caption features the workspace lacks (the `extract` flow).")
+_stage_command("train", "Train a new mapper on cached features and make it current (the `train` flow).")
+_stage_command("embed", "Write the current mapper's joint vectors to LanceDB (the `embed` flow).")
+
+
+@app.command("fashion-mnist")
+@_friendly
+def fashion_mnist(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the corpus to.")],
+    train: Annotated[int, typer.Option(help="Training images (from the Fashion-MNIST train set).")] = 2000,
+    dev: Annotated[int, typer.Option(help="Dev images (from the Fashion-MNIST test set).")] = 500,
+) -> None:
+    """Write a demo corpus (PNG images + captions.jsonl) from the Debian package dataset-fashion-mnist."""
+    from crossalign.corpus.fashion_mnist import write_fashion_mnist_corpus
+
+    root = write_fashion_mnist_corpus(out, n_train=train, n_dev=dev)
+    typer.echo(f"corpus written to {root} ({train} train + {dev} dev images)")
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The one configuration object: what the CLI builds and every Prefect flow takes.
+
+Each stage has its own section, so the Prefect UI renders the config as a form
+and pydantic refuses bad values (naming the field) before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CorpusConfig(_Section):
+    """Where a corpus lives and how it is laid out ("folder + captions.jsonl")."""
+
+    root: Path = Field(description="Folder holding the images and the captions file.")
+    name: str | None = Field(
+        default=None, description="Corpus name in the workspace; defaults to the folder's name."
+    )
+    captions_file: str = Field(
+        default="captions.jsonl",
+        description="JSONL file under root: {'image': path, 'captions': [str, ...], 'split': str}.",
+    )
+    default_split: str = Field(default="train", description="Split for records that name none.")
+    max_pixels: int = Field(
+        default=40_000_000, gt=0, description="Images with more pixels are rejected (decompression bombs)."
+    )
+    max_caption_chars: int = Field(
+        default=1000, gt=0, description="Longer captions are truncated, and the truncation recorded."
+    )
+
+    @property
+    def corpus_name(self) -> str:
+        """The name this corpus has inside a workspace."""
+        return self.name or Path(self.root).resolve().name
+
+
+class ExtractConfig(_Section):
+    """Frozen encoders and how to run them."""
+
+    image_encoder: str = Field(default="efficientnet-lite0", description="Image encoder registry name.")
+    text_encoder: str = Field(default="minilm-l6", description="Text encoder registry name.")
+    device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1' ...")
+    precision: Precision = Field(
+        default="auto", description="'auto' uses bf16 where the hardware supports it, else fp32."
+    )
+    image_batch_size: int = Field(default=64, gt=0)
+    text_batch_size: int = Field(default=256, gt=0)
+    shard_size: int = Field(default=4096, gt=0, description="Rows per Parquet feature shard.")
+    num_workers: int = Field(default=2, ge=0, description="Image-decoding worker processes (spawned).")
+
+
+class TrainConfig(_Section):
+    """The cross-modal mapper and its training on cached features."""
+
+    train_split: str = "train"
+    eval_split: str = Field(default="dev", description="Split used for model selection and the reported metrics.")
+    dim: int = Field(default=1024, gt=0, description="Joint embedding dimension.")
+    steps: int = Field(default=1500, gt=0)
+    batch_size: int = Field(default=512, gt=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    input_dropout: float = Field(default=0.5, ge=0, lt=1)
+    init_temperature: float = Field(default=0.07, gt=0)
+    eval_every: int = Field(default=100, gt=0)
+    seed: int = 0
+
+
+class PipelineConfig(_Section):
+    """Everything one pipeline run needs."""
+
+    workspace: Path = Field(default=Path("crossalign-data"), description="Root of every table a run writes.")
+    corpus: CorpusConfig
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    queries: list[str] = Field(
+        default_factory=list,
+        description="Text queries to run after embedding, as a sample; default: three captions of the eval split.",
+    )
+    retrain: bool = Field(
+        default=False, description="Train a new mapper even when the workspace has a current one."
+    )
+
+    @field_validator("workspace")
+    @classmethod
+    def _absolute_workspace(cls, value: Path) -> Path:
+        return Path(value).expanduser().resolve()

@@ -1,0 +1,77 @@
+"""Reader for the "folder of images + captions.jsonl" layout (the layout of shared/data/flickr8k).
+
+Each line of the captions file is one image::
+
+    {"image": "images/123.jpg", "captions": ["a dog ...", "..."], "split": "train"}
+
+`"caption": "..."` (one string) is accepted in place of `"captions"`; `split` is optional.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CorpusConfigError(ValueError):
+    """The corpus cannot be read at all (missing root or captions file): raised before any work."""
+
+
+@dataclass(frozen=True)
+class CorpusRecord:
+    """One image entry of a corpus as the captions file states it (nothing checked yet)."""
+
+    line: int
+    image: str
+    captions: list[object]
+    split: str
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A captions-file line that cannot be understood."""
+
+    line: int
+    message: str
+
+
+def read_jsonl_records(root: Path, captions_file: str, default_split: str) -> Iterator[CorpusRecord | BadRecord]:
+    """Yield the records of `root/captions_file`, one per line, in file order.
+
+    Raises:
+        CorpusConfigError: the root is not a directory or the captions file does not exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusConfigError(f"corpus root {root} is not a readable directory")
+    path = root / captions_file
+    if not path.is_file():
+        raise CorpusConfigError(
+            f"captions file {path} not found: the folder layout needs a JSONL file of "
+            '{"image": PATH, "captions": [TEXT, ...], "split": NAME} lines (set captions_file to its name)'
+        )
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            yield _parse_line(number, raw, default_split)
+
+
+def _parse_line(number: int, raw: bytes, default_split: str) -> CorpusRecord | BadRecord:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return BadRecord(number, "line is not valid UTF-8")
+    except json.JSONDecodeError as err:
+        return BadRecord(number, f"line is not valid JSON: {err.msg}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+        return BadRecord(number, 'line needs an "image" string')
+    captions = obj.get("captions", obj.get("caption", []))
+    if isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(captions, list):
+        return BadRecord(number, '"captions" must be a list of strings')
+    split = obj.get("split") or default_split
+    return CorpusRecord(line=number, image=obj["image"], captions=captions, split=str(split))

@@ -1,0 +1,259 @@
+"""Ingest a corpus into the canonical tables, with content-derived ids and reasons for every reject."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import unicodedata
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from crossalign.corpus.folder import BadRecord, CorpusRecord, read_jsonl_records
+from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA
+from crossalign.workspace import Workspace, WorkspaceError
+
+logger = logging.getLogger(__name__)
+
+ID_HEX_DIGITS = 32
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did: small enough to pass between Prefect tasks and print."""
+
+    corpus: str
+    images: int = 0
+    captions: int = 0
+    rejected: int = 0
+    normalised: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    images_table: str = ""
+    captions_table: str = ""
+    rejects_table: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Rejects:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, str]] = []
+
+    def add(self, kind: str, source: str, reason: str, message: str) -> None:
+        logger.debug("reject %s %s: %s (%s)", kind, source, reason, message)
+        self.rows.append({"kind": kind, "source": source, "reason": reason, "message": message})
+
+
+def content_id(*parts: str | bytes) -> str:
+    """A stable id from content: sha256 over the parts (separated), first 32 hex digits."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8") if isinstance(part, str) else part)
+        digest.update(b"\x00")
+    return digest.hexdigest()[:ID_HEX_DIGITS]
+
+
+def _resolve_inside(root: Path, relative: str) -> Path | None:
+    """The real path of `relative` under `root`, or None when it escapes the root (../, absolute, symlink)."""
+    if os.path.isabs(relative):
+        return None
+    candidate = (root / relative).resolve()
+    return candidate if candidate.is_relative_to(root) else None
+
+
+def _probe_image(path: Path, max_pixels: int) -> tuple[int, int]:
+    """Open and decode an image cheaply (JPEG draft mode); return (width, height).
+
+    Raises:
+        ValueError: with a reject reason code as its first argument.
+    """
+    if path.stat().st_size == 0:
+        raise ValueError("empty_file", "file has zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ValueError("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
+                img.draft("RGB", (64, 64))  # decode at reduced size: catches truncation cheaply
+                img.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError("not_an_image", str(err)) from err
+    except OSError as err:
+        raise ValueError("undecodable", str(err)) from err
+    return width, height
+
+
+def _clean_caption(text: object, max_chars: int) -> tuple[str | None, str | None]:
+    """Return (caption, None), or (None, reason) for an unusable caption. Long captions are truncated."""
+    if not isinstance(text, str):
+        return None, "caption_not_text"
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    if not text:
+        return None, "empty_caption"
+    return text[:max_chars], None
+
+
+def ingest_corpus(
+    root: Path,
+    workspace: Workspace,
+    corpus: str | None = None,
+    captions_file: str = "captions.jsonl",
+    default_split: str = "train",
+    max_pixels: int = 40_000_000,
+    max_caption_chars: int = 1000,
+) -> IngestSummary:
+    """Read a "folder + captions.jsonl" corpus into `workspace`'s canonical tables.
+
+    Images get ids from their bytes, so the same corpus always yields the same tables and duplicate
+    files collapse into one image with the captions of both. Anything unusable is written to the
+    rejects table with a reason code; it never stops the ingest.
+
+    Returns:
+        An `IngestSummary` with counts and the table paths.
+
+    Raises:
+        CorpusConfigError: the root or the captions file is missing.
+    """
+    root = Path(root).expanduser().resolve()
+    corpus = corpus or root.name
+    rejects = _Rejects()
+    images: dict[str, dict] = {}
+    captions: dict[str, dict] = {}
+    normalised = 0
+    for record in read_jsonl_records(root, captions_file, default_split):
+        if isinstance(record, BadRecord):
+            rejects.add("record", f"{captions_file}:{record.line}", "bad_record", record.message)
+            continue
+        image = _ingest_image(root, record, images, rejects, max_pixels)
+        if image is None:
+            continue
+        for text in record.captions:
+            normalised += _ingest_caption(image, text, captions, rejects, max_caption_chars)
+    return _write_tables(workspace, corpus, images, captions, rejects, normalised)
+
+
+def _ingest_image(
+    root: Path, record: CorpusRecord, images: dict[str, dict], rejects: _Rejects, max_pixels: int
+) -> dict | None:
+    path = _resolve_inside(root, record.image)
+    if path is None:
+        rejects.add("image", record.image, "path_outside_root", f"path escapes the corpus root {root}")
+        return None
+    if not path.is_file():
+        rejects.add("image", record.image, "missing_file", f"no file at {path}")
+        return None
+    try:
+        width, height = _probe_image(path, max_pixels)
+    except ValueError as err:
+        reason, message = err.args
+        rejects.add("image", record.image, reason, message)
+        return None
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    image_id = sha[:ID_HEX_DIGITS]
+    existing = images.get(image_id)
+    if existing is not None:
+        if existing["split"] != record.split:
+            rejects.add(
+                "image", record.image, "duplicate_in_other_split",
+                f"same bytes as {existing['uri']} (split {existing['split']}): kept there only",
+            )
+            return None
+        logger.info("%s has the same bytes as %s: captions merged", record.image, existing["uri"])
+        return existing
+    images[image_id] = {
+        "image_id": image_id, "uri": str(path), "sha256": sha,
+        "width": width, "height": height, "split": record.split, "status": "ok",
+    }
+    return images[image_id]
+
+
+def _ingest_caption(image: dict, text: object, captions: dict[str, dict], rejects: _Rejects, max_chars: int) -> int:
+    """Add one caption of `image`; returns 1 when it had to be normalised (truncated), else 0."""
+    clean, reason = _clean_caption(text, max_chars)
+    if clean is None:
+        rejects.add("caption", f"{image['uri']}: {text!r}"[:300], reason, "caption is empty or not text")
+        return 0
+    caption_id = content_id(image["image_id"], clean)
+    if caption_id not in captions:  # the same caption twice for one image is kept once
+        captions[caption_id] = {
+            "caption_id": caption_id, "image_id": image["image_id"], "text": clean, "split": image["split"],
+        }
+    return int(len(" ".join(str(text).split())) > max_chars)
+
+
+def _write_tables(
+    workspace: Workspace, corpus: str, images: dict[str, dict], captions: dict[str, dict],
+    rejects: _Rejects, normalised: int,
+) -> IngestSummary:
+    workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)
+    image_rows = sorted(images.values(), key=lambda row: row["image_id"])
+    caption_rows = sorted(captions.values(), key=lambda row: (row["image_id"], row["caption_id"]))
+    _write_parquet(workspace.images_table(corpus), image_rows, IMAGES_SCHEMA)
+    _write_parquet(workspace.captions_table(corpus), caption_rows, CAPTIONS_SCHEMA)
+    _write_parquet(workspace.rejects_table(corpus), rejects.rows, REJECTS_SCHEMA)
+    summary = IngestSummary(
+        corpus=corpus,
+        images=len(image_rows),
+        captions=len(caption_rows),
+        rejected=len(rejects.rows),
+        normalised=normalised,
+        rejects_by_reason=dict(Counter(row["reason"] for row in rejects.rows)),
+        splits=dict(Counter(row["split"] for row in image_rows)),
+        images_table=str(workspace.images_table(corpus)),
+        captions_table=str(workspace.captions_table(corpus)),
+        rejects_table=str(workspace.rejects_table(corpus)),
+    )
+    logger.info(
+        "ingested %s: %d images, %d captions, %d rejected %s",
+        corpus, summary.images, summary.captions, summary.rejected, summary.rejects_by_reason,
+    )
+    return summary
+
+
+def _write_parquet(path: Path, rows: Iterable[dict], schema: pa.Schema) -> None:
+    """Write rows atomically; unchanged content leaves the existing file alone (idempotent re-ingest)."""
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    if path.exists() and pq.read_table(path).equals(table):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_images(workspace: Workspace, corpus: str, split: str | None = None) -> pa.Table:
+    """The `images` table of an ingested corpus, optionally one split only."""
+    return _read_table(workspace.images_table(corpus), split)
+
+
+def read_captions(workspace: Workspace, corpus: str, split: str | None = None) -> pa.Table:
+    """The `captions` table of an ingested corpus, optionally one split only."""
+    return _read_table(workspace.captions_table(corpus), split)
+
+
+def _read_table(path: Path, split: str | None) -> pa.Table:
+    if not path.exists():
+        raise WorkspaceError(f"{path} does not exist: ingest the corpus first")
+    filters = [("split", "=", split)] if split is not None else None
+    return pq.read_table(path, filters=filters)
+
+
+def first_captions(workspace: Workspace, corpus: str, split: str, images: int = 3) -> list[str]:
+    """One caption each of the first `images` images of a split (sample queries for reports)."""
+    captions = read_captions(workspace, corpus, split)
+    firsts: dict[str, str] = {}
+    for image_id, text in zip(captions.column("image_id").to_pylist(), captions.column("text").to_pylist()):
+        firsts.setdefault(image_id, text)
+        if len(firsts) == images:
+            break
+    return list(firsts.values())

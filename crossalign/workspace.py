@@ -1,0 +1,90 @@
+"""The workspace: one directory holding every table a run writes (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class WorkspaceError(RuntimeError):
+    """The workspace lacks something a stage needs (a corpus, features, a mapper)."""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths inside a workspace directory.
+
+    Layout::
+
+        corpora/<corpus>/{images,captions,rejects}.parquet
+        features/<corpus>/<encoder_id>/part-*.parquet + _manifest.json
+        mappers/<mapper_id>/{model.safetensors,config.json,metrics.json}
+        mappers/CURRENT                   id of the mapper the tables were built with
+        lancedb/                          the LanceDB database
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    def corpus_dir(self, corpus: str) -> Path:
+        return self.root / "corpora" / corpus
+
+    def images_table(self, corpus: str) -> Path:
+        return self.corpus_dir(corpus) / "images.parquet"
+
+    def captions_table(self, corpus: str) -> Path:
+        return self.corpus_dir(corpus) / "captions.parquet"
+
+    def rejects_table(self, corpus: str) -> Path:
+        return self.corpus_dir(corpus) / "rejects.parquet"
+
+    def features_dir(self, corpus: str, encoder_id: str) -> Path:
+        return self.root / "features" / corpus / encoder_id
+
+    def mapper_dir(self, mapper_id: str) -> Path:
+        return self.root / "mappers" / mapper_id
+
+    @property
+    def lancedb_uri(self) -> Path:
+        return self.root / "lancedb"
+
+    @property
+    def _current_mapper_file(self) -> Path:
+        return self.root / "mappers" / "CURRENT"
+
+    def current_mapper_id(self) -> str | None:
+        """The id of the workspace's current mapper, or None when none was trained yet."""
+        try:
+            return self._current_mapper_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def require_current_mapper(self) -> Path:
+        """Directory of the current mapper; raises WorkspaceError when there is none."""
+        mapper_id = self.current_mapper_id()
+        if mapper_id is None:
+            raise WorkspaceError(
+                f"workspace {self.root} has no trained mapper yet: run `crossalign run --corpus DIR "
+                f"--workspace {self.root}` first"
+            )
+        return self.mapper_dir(mapper_id)
+
+    def set_current_mapper(self, mapper_id: str) -> None:
+        write_text_atomic(self._current_mapper_file, mapper_id + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """JSON version of `write_text_atomic`."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
