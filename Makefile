@@ -1,0 +1,45 @@
+# Two set-up commands (see README): `make demo` runs the pipeline on a real offline corpus,
+# `make test` runs the whole test suite. Both create or reuse .venv and install the project into it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.crossalign-installed
+DEMO   ?= demo
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+# Offline Prefect: no telemetry, and a patient ephemeral-server start on busy 2-core machines.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: demo test install system-deps clean-demo
+
+# torch/torchvision first, pinned: pip takes this pair from the machine's local wheels
+# (a plain `torch` requirement would download a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST (the demo corpus, also used by tests) comes from Debian's dataset-fashion-mnist.
+system-deps:
+	@test -f $(FASHION_MNIST) || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: $(STAMP) system-deps
+	$(BIN)/crossalign fashion-mnist --out $(DEMO)/fashion-mnist --train 2000 --dev 500
+	$(BIN)/crossalign run --corpus $(DEMO)/fashion-mnist --workspace $(DEMO)/workspace --steps 600 \
+	  --query "A photo of a sneaker." --query "A photo of a dress." --query "A photo of a bag."
+	$(BIN)/crossalign search --workspace $(DEMO)/workspace --text "A product photo of an ankle boot." --limit 5
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf $(DEMO)
