@@ -1,0 +1,357 @@
+"""The cross-modal mapper: retrieval metrics, the batch sampler, training, saving and fitting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_tiny_corpus
+from safetensors.torch import load_file
+
+from crossalign.align import (
+    JointMapper,
+    MapperMismatchError,
+    evaluate_current_mapper,
+    fit_mapper,
+    load_mapper,
+    metrics_table,
+    retrieval_metrics,
+    save_mapper,
+)
+from crossalign.align.data import load_paired_features
+from crossalign.align.loss import ClipLoss
+from crossalign.align.mapper import check_encoder
+from crossalign.align.train import OneCaptionPerImageSampler, evaluate_mapper, train_mapper
+from crossalign.corpus import read_captions
+from crossalign.extract import FeatureManifest
+from crossalign.workspace import Workspace, WorkspaceError
+
+# Small and quick, but enough steps for a linear map to separate 8 synthetic pictures.
+TRAIN_OPTIONS = {"dim": 64, "steps": 120, "batch_size": 8, "eval_every": 40, "warmup_steps": 10,
+                 "input_dropout": 0.0, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace, str]:
+    """A tiny corpus, ingested, with image and text features (extracted once for this module)."""
+    root = tmp_path_factory.mktemp("align")
+    corpus_root, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
+    return corpus_root, workspace, ingest_and_extract(corpus_root, workspace)
+
+
+@pytest.fixture
+def features_copy(features: tuple[Path, Workspace, str], tmp_path: Path) -> tuple[Workspace, str]:
+    """A private copy of the module's workspace, for tests that write mappers or edit manifests."""
+    _, workspace, corpus = features
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    return Workspace(tmp_path / "ws"), corpus
+
+
+def _paired(features: tuple[Path, Workspace, str], split: str):
+    _, workspace, corpus = features
+    return load_paired_features(workspace, corpus, split, IMAGE_ENCODER, TEXT_ENCODER)
+
+
+# --- retrieval metrics ----------------------------------------------------------------------------
+
+
+def test_identity_embeddings_are_perfect_retrieval() -> None:
+    emb = torch.eye(5)
+
+    metrics = retrieval_metrics(emb, emb, torch.arange(5))
+
+    for direction in ("t2i", "i2t"):
+        assert [metrics[f"{direction}_r{k}"] for k in (1, 5, 10)] == [100.0, 100.0, 100.0]
+        assert metrics[f"{direction}_medr"] == 1.0
+    assert metrics["rsum"] == 600.0
+    assert (metrics["images"], metrics["captions"]) == (5.0, 5.0)
+
+
+def test_metrics_of_a_constructed_case() -> None:
+    # Images are the basis vectors, so each caption row *is* its similarities to the six images.
+    images = torch.eye(6)
+    captions = torch.tensor([
+        [0.5, 0.9, 0.7, 0.0, 0.0, 0.0],  # caption 0 of image 0: its image ranks 3rd
+        [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+        [0.9, 0.9, 0.9, 0.9, 0.1, 0.9],  # caption 4 of image 4: its image ranks 6th (last)
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+    ])
+
+    metrics = retrieval_metrics(images, captions, torch.arange(6))
+
+    # text -> image ranks (1-based): 3, 1, 1, 1, 6, 1
+    assert metrics["t2i_r1"] == pytest.approx(100 * 4 / 6, abs=0.01)
+    assert metrics["t2i_r5"] == pytest.approx(100 * 5 / 6, abs=0.01)
+    assert metrics["t2i_r10"] == 100.0
+    assert metrics["t2i_medr"] == 1.0
+    # image -> text: image 0 sees caption 4 (0.9) above its own caption (0.5): rank 2; the rest rank 1.
+    assert metrics["i2t_r1"] == pytest.approx(100 * 5 / 6, abs=0.01)
+    assert metrics["i2t_r5"] == 100.0 and metrics["i2t_medr"] == 1.0
+    assert metrics["rsum"] == pytest.approx(66.67 + 83.33 + 100 + 83.33 + 100 + 100, abs=0.02)
+
+
+def test_median_rank_and_best_caption_per_image() -> None:
+    images = torch.eye(3)
+    captions = torch.tensor([
+        [0.1, 0.5, 0.9],  # image 0, ranked 3rd
+        [0.5, 0.9, 0.0],  # image 0, ranked 2nd
+        [0.0, 0.1, 0.9],  # image 1, ranked 2nd
+        [0.0, 0.1, 0.9],  # image 2, ranked 1st
+    ])
+    caption_image = torch.tensor([0, 0, 1, 2])
+
+    metrics = retrieval_metrics(images, captions, caption_image)
+
+    # t2i 0-based ranks 2, 1, 1, 0: R@1 = 1/4, median (the lower middle value) 1 -> medr 2.
+    assert metrics["t2i_r1"] == 25.0 and metrics["t2i_r5"] == 100.0 and metrics["t2i_medr"] == 2.0
+    # i2t: image 0's best caption (0.5) beats all others -> rank 1; image 1's only caption (0.1) is
+    # beaten by 0.5 and 0.9 -> rank 3; image 2's caption (0.9) ties two others -> counts as rank 1.
+    assert metrics["i2t_r1"] == pytest.approx(200 / 3, abs=0.01)
+    assert metrics["i2t_medr"] == 1.0
+
+
+def test_ties_count_in_the_query_favour() -> None:
+    same = torch.ones(4, 3) / 3 ** 0.5
+
+    metrics = retrieval_metrics(same, same, torch.arange(4))
+
+    assert metrics["t2i_r1"] == 100.0 and metrics["i2t_r1"] == 100.0
+
+
+def test_metrics_table_shows_the_numbers() -> None:
+    table = metrics_table(retrieval_metrics(torch.eye(3), torch.eye(3), torch.arange(3)))
+
+    assert "| text → image | 100.0 | 100.0 | 100.0 | 1 |" in table
+    assert "rsum = 600.0 over 3 images, 3 captions" in table
+
+
+# --- loss and sampler -----------------------------------------------------------------------------
+
+
+def test_clip_loss_is_low_for_aligned_pairs_and_high_for_swapped() -> None:
+    emb = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    loss, scale = ClipLoss(), torch.tensor(100.0)
+
+    aligned, swapped = loss(emb, emb, scale), loss(emb, emb.roll(1, 0), scale)
+
+    assert aligned < 0.05 < 1.0 < swapped
+    assert torch.isclose(loss(emb, emb.roll(1, 0), scale), loss(emb.roll(1, 0), emb, scale))
+
+
+def test_sampler_never_puts_two_captions_of_one_image_in_a_batch() -> None:
+    counts = [1, 5, 3, 0, 2, 4, 1, 1, 0, 6]  # images 3 and 8 have no captions
+    caption_image = torch.tensor([img for img, n in enumerate(counts) for _ in range(n)])[
+        torch.randperm(sum(counts), generator=torch.Generator().manual_seed(1))]
+    sampler = OneCaptionPerImageSampler(caption_image, len(counts), batch_size=5,
+                                        generator=torch.Generator().manual_seed(0))
+    seen_captions: set[int] = set()
+
+    for _ in range(200):
+        images, captions = next(sampler)
+        assert len(images) == 5
+        assert len(set(images.tolist())) == 5, "an image twice in one batch"
+        assert torch.equal(caption_image[captions], images), "a caption paired with another image"
+        assert not {3, 8} & set(images.tolist())
+        seen_captions.update(captions.tolist())
+
+    assert seen_captions == set(range(sum(counts)))
+
+
+def test_sampler_batch_is_capped_by_the_number_of_images() -> None:
+    sampler = OneCaptionPerImageSampler(torch.tensor([0, 0, 1, 2, 2]), 3, batch_size=64,
+                                        generator=torch.Generator().manual_seed(0))
+
+    images, captions = next(sampler)
+
+    assert sorted(images.tolist()) == [0, 1, 2] and len(captions) == 3
+
+
+# --- features and training ------------------------------------------------------------------------
+
+
+def test_paired_features_line_up_captions_with_images(features: tuple[Path, Workspace, str]) -> None:
+    train = _paired(features, "train")
+
+    assert train.images.shape == (8, 1280) and train.captions.shape == (19, 384)
+    assert len(train.caption_ids) == 19 and len(train.image_ids) == 8
+    _, workspace, corpus = features
+    image_of = {r["caption_id"]: r["image_id"] for r in read_captions(workspace, corpus, "train").to_pylist()}
+    assert [train.image_ids[i] for i in train.caption_image.tolist()] == [image_of[c] for c in train.caption_ids]
+    assert train.image_encoder["encoder"] == IMAGE_ENCODER and train.text_encoder["encoder"] == TEXT_ENCODER
+
+
+def test_images_whose_features_failed_are_left_out_with_their_captions(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+    before = load_paired_features(workspace, corpus, "train", IMAGE_ENCODER, TEXT_ENCODER)
+    directory = workspace.features_dir(corpus, IMAGE_ENCODER)
+    manifest = FeatureManifest.load(directory)
+    dropped = before.image_ids[0]
+    manifest.failed[dropped] = "OSError: gone"
+    manifest.save(directory)
+
+    after = load_paired_features(workspace, corpus, "train", IMAGE_ENCODER, TEXT_ENCODER)
+
+    assert dropped not in after.image_ids and len(after.image_ids) == 7
+    n_dropped_captions = int((before.caption_image == 0).sum())
+    assert len(after.caption_ids) == len(before.caption_ids) - n_dropped_captions
+    assert [after.image_ids[i] for i in after.caption_image.tolist()] == [
+        before.image_ids[i] for i in before.caption_image.tolist() if i != 0]
+
+
+def test_loading_features_of_an_empty_split_raises(features: tuple[Path, Workspace, str]) -> None:
+    with pytest.raises(WorkspaceError, match="no images or no captions"):
+        _paired(features, "test")
+
+
+def test_training_is_deterministic_for_a_seed(features: tuple[Path, Workspace, str]) -> None:
+    train, dev = _paired(features, "train"), _paired(features, "dev")
+
+    first, second = train_mapper(train, dev, **TRAIN_OPTIONS), train_mapper(train, dev, **TRAIN_OPTIONS)
+
+    assert first.metrics == second.metrics and first.history == second.history
+    assert first.best_step == second.best_step
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    other_seed = train_mapper(train, dev, **{**TRAIN_OPTIONS, "seed": 4})
+    assert not torch.equal(other_seed.model.image_proj.weight, first.model.image_proj.weight)
+
+
+def test_training_improves_retrieval_on_the_training_split(features: tuple[Path, Workspace, str]) -> None:
+    train = _paired(features, "train")
+    untrained = JointMapper(train.images.shape[1], train.captions.shape[1], TRAIN_OPTIONS["dim"])
+    untrained.fit_standardisation(train.images, train.captions)
+    before = evaluate_mapper(untrained, train)
+
+    result = train_mapper(train, train, **TRAIN_OPTIONS)
+
+    assert result.best_step > 0
+    assert result.metrics["rsum"] > before["rsum"] + 100
+    assert result.metrics["t2i_r5"] == 100.0
+    assert result.history[0]["step"] == TRAIN_OPTIONS["eval_every"]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_reported_metrics_belong_to_the_returned_model(features: tuple[Path, Workspace, str]) -> None:
+    train, dev = _paired(features, "train"), _paired(features, "dev")
+
+    result = train_mapper(train, dev, **TRAIN_OPTIONS)
+
+    assert evaluate_mapper(result.model, dev) == result.metrics
+    assert all(result.metrics["rsum"] >= h["dev_rsum"] for h in result.history), "a better state was dropped"
+    evaluated_steps = {h["step"]: h["dev_rsum"] for h in result.history}
+    assert result.best_step == 0 or evaluated_steps[result.best_step] == result.metrics["rsum"]
+    assert not result.model.training
+
+
+# --- saving, loading and checking -----------------------------------------------------------------
+
+
+def _config(train) -> dict:
+    return {"kind": "linear", "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
+            "dim": TRAIN_OPTIONS["dim"], "image_encoder": train.image_encoder, "text_encoder": train.text_encoder}
+
+
+def test_save_and_load_round_trip(features: tuple[Path, Workspace, str], tmp_path: Path) -> None:
+    train = _paired(features, "train")
+    model = train_mapper(train, train, **{**TRAIN_OPTIONS, "steps": 20}).model
+
+    mapper_id = save_mapper(model, _config(train), tmp_path)
+    loaded, config = load_mapper(tmp_path / mapper_id)
+
+    assert mapper_id.startswith("mapper-") and config["mapper_id"] == mapper_id
+    assert config["image_encoder"] == train.image_encoder
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(train.images), model.encode_image(train.images))
+        assert torch.equal(loaded.encode_text(train.captions), model.encode_text(train.captions))
+    assert torch.equal(loaded.scale(), model.scale())
+    assert save_mapper(loaded, config, tmp_path / "again") == mapper_id, "same weights, another id"
+    assert set(load_file(str(tmp_path / mapper_id / "model.safetensors"))) == set(model.state_dict())
+
+
+def test_different_weights_give_a_different_id(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a, b = JointMapper(6, 4, 3), JointMapper(6, 4, 3)
+    config = {"image_dim": 6, "text_dim": 4, "dim": 3}
+
+    assert save_mapper(a, config, tmp_path) != save_mapper(b, config, tmp_path)
+
+
+def test_check_encoder_refuses_other_encoders(features: tuple[Path, Workspace, str]) -> None:
+    train = _paired(features, "train")
+    config = {**_config(train), "mapper_id": "mapper-test"}
+    check_encoder(config, "image", train.image_encoder)  # the same encoder passes
+    check_encoder(config, "text", train.text_encoder)
+
+    for change in ({"weights_digest": "ffffffffffffffff"}, {"dim": 2048}, {"encoder": "resnet50"},
+                   {"preprocessing": {**train.image_encoder["preprocessing"], "size": 260}}):
+        with pytest.raises(MapperMismatchError, match="mapper-test expects image features of efficientnet-lite0"):
+            check_encoder(config, "image", {**train.image_encoder, **change})
+    with pytest.raises(MapperMismatchError):
+        check_encoder(config, "text", train.image_encoder)
+
+
+# --- fit_mapper and evaluate_current_mapper -------------------------------------------------------
+
+
+def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+    assert workspace.current_mapper_id() is None
+
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+
+    directory = workspace.mapper_dir(summary.mapper_id)
+    assert Path(summary.mapper_dir) == directory
+    assert {p.name for p in directory.iterdir()} == {"model.safetensors", "config.json", "metrics.json"}
+    assert workspace.current_mapper_id() == summary.mapper_id
+    assert workspace.require_current_mapper() == directory
+    config = json.loads((directory / "config.json").read_text())
+    assert config["mapper_id"] == summary.mapper_id and config["dim"] == TRAIN_OPTIONS["dim"]
+    assert config["image_encoder"]["encoder"] == IMAGE_ENCODER and config["text_encoder"]["encoder"] == TEXT_ENCODER
+    assert (config["image_dim"], config["text_dim"]) == (1280, 384)
+    assert config["trained_on"] == {"corpus": corpus, "split": "train"}
+    assert config["selected_on"] == {"corpus": corpus, "split": "dev"}
+    assert config["train_options"] == TRAIN_OPTIONS and config["best_step"] == summary.best_step
+    saved = json.loads((directory / "metrics.json").read_text())
+    assert saved["split"] == "dev" and saved["rsum"] == summary.metrics["rsum"]
+    assert saved["history"] == summary.history
+    assert summary.metrics["images"] == 4.0  # evaluated on the dev split
+
+    evaluated = evaluate_current_mapper(workspace, corpus, "dev")
+    assert evaluated["mapper_id"] == summary.mapper_id
+    assert {k: evaluated[k] for k in summary.metrics} == summary.metrics
+
+
+def test_fit_mapper_twice_gives_the_same_mapper(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+
+    first = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    second = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 11})
+
+    assert first.mapper_id == second.mapper_id != other.mapper_id
+    assert workspace.current_mapper_id() == other.mapper_id
+
+
+def test_evaluating_without_a_mapper_raises(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+
+    with pytest.raises(WorkspaceError, match="no trained mapper"):
+        evaluate_current_mapper(workspace, corpus, "dev")
+
+
+def test_evaluating_features_of_other_encoders_raises(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "steps": 10})
+    directory = workspace.features_dir(corpus, TEXT_ENCODER)
+    manifest = FeatureManifest.load(directory)
+    manifest.encoder = {**manifest.encoder, "weights_digest": "0000000000000000"}
+    manifest.save(directory)
+
+    with pytest.raises(MapperMismatchError, match="text features"):
+        evaluate_current_mapper(workspace, corpus, "dev")

@@ -1,0 +1,319 @@
+"""Feature extraction: resumable, incremental Parquet shards with a manifest naming the encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, write_picture, write_records, write_tiny_corpus
+from PIL import Image
+
+from crossalign.corpus import ingest_corpus, read_captions, read_images
+from crossalign.encoders import load_encoder
+from crossalign.extract import (
+    ExtractSummary,
+    FeatureManifest,
+    FeatureMismatchError,
+    extract_image_features,
+    extract_text_features,
+    read_features,
+)
+from crossalign.extract.shards import features_schema
+from crossalign.workspace import Workspace, WorkspaceError
+
+CORPUS = "tiny"
+SHARD = 4
+
+
+def extract_images(workspace: Workspace, **options) -> ExtractSummary:
+    options = {"num_workers": 0, "shard_size": SHARD, **ENCODER_RUNTIME, **options}
+    return extract_image_features(workspace, CORPUS, IMAGE_ENCODER, **options)
+
+
+def extract_texts(workspace: Workspace, **options) -> ExtractSummary:
+    return extract_text_features(workspace, CORPUS, TEXT_ENCODER, **{"shard_size": SHARD, **ENCODER_RUNTIME, **options})
+
+
+def image_dir(workspace: Workspace) -> Path:
+    return workspace.features_dir(CORPUS, IMAGE_ENCODER)
+
+
+def text_dir(workspace: Workspace) -> Path:
+    return workspace.features_dir(CORPUS, TEXT_ENCODER)
+
+
+def image_ids(workspace: Workspace) -> list[str]:
+    return read_images(workspace, CORPUS).column("image_id").to_pylist()
+
+
+@pytest.fixture
+def ingested(tiny_corpus: Path, workspace: Workspace) -> Workspace:
+    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def extracted_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace]:
+    """A tiny corpus with image and text features in shards of 4, extracted once for the module.
+
+    Tests only read it; tests that change it work on a copy (`extracted`), which is much cheaper than
+    encoding again.
+    """
+    root = tmp_path_factory.mktemp("extracted")
+    corpus, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
+    ingest_corpus(corpus, workspace, CORPUS)
+    extract_images(workspace)
+    extract_texts(workspace)
+    return corpus, workspace
+
+
+@pytest.fixture
+def extracted(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> tuple[Path, Workspace]:
+    """A private copy of `extracted_once`, re-ingested so its image uris point into the copy.
+
+    Ids come from content, so the copied features stay valid for the copied corpus.
+    """
+    corpus, workspace = extracted_once
+    shutil.copytree(corpus, tmp_path / "corpus")
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    copy = Workspace(tmp_path / "ws")
+    ingest_corpus(tmp_path / "corpus", copy, CORPUS)
+    return tmp_path / "corpus", copy
+
+
+def test_extraction_writes_shards_and_a_manifest(ingested: Workspace) -> None:
+    summary = extract_images(ingested)
+
+    assert (summary.encoded, summary.already_done, summary.failed) == (12, 0, 0)
+    assert summary.modality == "image" and summary.precision == "fp32"
+    manifest = json.loads((image_dir(ingested) / "_manifest.json").read_text())
+    encoder = load_encoder(IMAGE_ENCODER, **ENCODER_RUNTIME)
+    assert manifest["encoder"] == encoder.describe()
+    assert manifest["encoder"]["encoder"] == IMAGE_ENCODER and manifest["encoder"]["dim"] == 1280
+    assert manifest["encoder"]["preprocessing"]["size"] == 224
+    assert manifest["dtype"] == "float32" and manifest["failed"] == {}
+    assert manifest["shards"] == [{"file": f"part-{i:05d}.parquet", "rows": SHARD} for i in range(3)]
+    assert sorted(p.name for p in image_dir(ingested).iterdir()) == [
+        "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for shard in manifest["shards"]:
+        assert pq.read_schema(image_dir(ingested) / shard["file"]).equals(features_schema(1280), check_metadata=False)
+    ids, vectors = read_features(image_dir(ingested))
+    assert len(ids) == len(set(ids)) == 12 and set(ids) == set(image_ids(ingested))
+    assert vectors.shape == (12, 1280) and vectors.dtype == np.float32
+
+
+def test_text_extraction_writes_one_vector_per_caption(extracted_once: tuple[Path, Workspace]) -> None:
+    _, workspace = extracted_once
+    captions = read_captions(workspace, CORPUS)
+    manifest = FeatureManifest.load(text_dir(workspace))
+
+    assert manifest.encoder["encoder"] == TEXT_ENCODER and manifest.dim == 384
+    assert sum(shard["rows"] for shard in manifest.shards) == captions.num_rows
+    assert len(manifest.shards) == -(-captions.num_rows // SHARD)
+    ids, vectors = read_features(text_dir(workspace))
+    assert sorted(ids) == sorted(captions.column("caption_id").to_pylist())
+    # Each stored vector is the encoding of its own caption's text.
+    text_of = dict(zip(captions.column("caption_id").to_pylist(), captions.column("text").to_pylist()))
+    expected = load_encoder(TEXT_ENCODER, **ENCODER_RUNTIME).encode([text_of[i] for i in ids])
+    assert np.allclose(vectors, expected.numpy(), atol=1e-4)
+
+
+def test_read_features_returns_every_id_once_with_its_own_vector(extracted_once: tuple[Path, Workspace]) -> None:
+    _, workspace = extracted_once
+
+    ids, vectors = read_features(image_dir(workspace))
+
+    assert len(ids) == len(set(ids)) == 12
+    assert set(ids) == set(image_ids(workspace))
+    assert vectors.shape == (12, 1280) and vectors.dtype == np.float32
+    encoder = load_encoder(IMAGE_ENCODER, **ENCODER_RUNTIME)
+    uri = dict(zip(image_ids(workspace), read_images(workspace, CORPUS).column("uri").to_pylist()))
+    with Image.open(uri[ids[5]]) as img:
+        direct = encoder.encode(encoder.preprocess(img)[None])[0].numpy()
+    assert np.allclose(vectors[5], direct, atol=1e-4)
+
+
+def test_read_features_by_ids_keeps_the_requested_order(extracted_once: tuple[Path, Workspace]) -> None:
+    _, workspace = extracted_once
+    all_ids, all_vectors = read_features(image_dir(workspace))
+    wanted = [all_ids[7], all_ids[0], all_ids[3]]
+
+    ids, vectors = read_features(image_dir(workspace), wanted)
+
+    assert ids == wanted
+    assert np.array_equal(vectors, all_vectors[[7, 0, 3]])
+    with pytest.raises(WorkspaceError, match="1 ids have no features"):
+        read_features(image_dir(workspace), [all_ids[0], "no-such-id"])
+
+
+def test_reading_features_that_were_never_extracted_raises(ingested: Workspace) -> None:
+    with pytest.raises(WorkspaceError, match="run extraction first"):
+        read_features(image_dir(ingested))
+
+
+def test_second_run_encodes_nothing_and_rewrites_nothing(extracted: tuple[Path, Workspace]) -> None:
+    _, workspace = extracted
+    files = [*image_dir(workspace).iterdir(), *text_dir(workspace).iterdir()]
+    mtimes = {path: path.stat().st_mtime_ns for path in files}
+
+    images, texts = extract_images(workspace), extract_texts(workspace)
+
+    assert (images.encoded, images.already_done) == (0, 12)
+    assert (texts.encoded, texts.already_done) == (0, read_captions(workspace, CORPUS).num_rows)
+    assert {path: path.stat().st_mtime_ns for path in files} == mtimes
+    assert sorted([*image_dir(workspace).iterdir(), *text_dir(workspace).iterdir()]) == sorted(files)
+
+
+def test_only_new_images_are_encoded_after_reingest(extracted: tuple[Path, Workspace]) -> None:
+    corpus, workspace = extracted
+    before_ids, before_vectors = read_features(image_dir(workspace))
+    write_records(corpus, [write_picture(corpus, i, "train") for i in (12, 13, 14)], mode="a")
+    ingest_corpus(corpus, workspace, CORPUS)
+
+    images, texts = extract_images(workspace), extract_texts(workspace)
+
+    assert (images.encoded, images.already_done) == (3, 12)
+    assert texts.encoded == 2 + 2 + 3  # captions of pictures 12, 13 and 14 (a third one for 12)
+    ids, vectors = read_features(image_dir(workspace))
+    assert len(ids) == len(set(ids)) == 15
+    assert set(ids) == set(image_ids(workspace))
+    assert ids[:12] == before_ids and np.array_equal(vectors[:12], before_vectors)  # old shards untouched
+    caption_ids, _ = read_features(text_dir(workspace))
+    assert sorted(caption_ids) == sorted(read_captions(workspace, CORPUS).column("caption_id").to_pylist())
+
+
+def test_extracting_one_split_then_all_encodes_each_image_once(ingested: Workspace) -> None:
+    assert extract_images(ingested, split="dev").encoded == 4
+
+    summary = extract_images(ingested)
+
+    assert (summary.encoded, summary.already_done) == (8, 4)
+    ids, _ = read_features(image_dir(ingested))
+    assert sorted(ids) == sorted(image_ids(ingested))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"weights_digest": "0123456789abcdef"},
+        {"dim": 1000},
+        {"preprocessing": {"size": 256}},
+        {"encoder": "some-other-encoder"},
+    ],
+)
+def test_features_of_another_encoder_setup_are_refused(extracted: tuple[Path, Workspace], change: dict) -> None:
+    _, workspace = extracted
+    path = image_dir(workspace) / "_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["encoder"].update(change)
+    manifest["shards"].pop()  # so that a run that wrongly went ahead would have work to do
+    path.write_text(json.dumps(manifest))
+
+    with pytest.raises(FeatureMismatchError, match=f"differs in: {next(iter(change))}"):
+        extract_images(workspace)
+    assert json.loads(path.read_text()) == manifest, "the refused directory was modified"
+
+
+def test_shard_renamed_but_not_recorded_is_overwritten(extracted: tuple[Path, Workspace]) -> None:
+    """A run killed between renaming a shard and recording it leaves an unrecorded file: it is redone."""
+    _, workspace = extracted
+    directory = image_dir(workspace)
+    manifest = FeatureManifest.load(directory)
+    lost = manifest.shards.pop()
+    manifest.save(directory)
+    # Make the leftover file distinguishable: rows the next run must not keep.
+    ghost = pa.Table.from_pydict({"id": ["ghost-1", "ghost-2"], "vector": [[0.0] * 1280] * 2},
+                                 schema=features_schema(1280))
+    pq.write_table(ghost, directory / lost["file"])
+
+    summary = extract_images(workspace)
+
+    assert (summary.encoded, summary.already_done) == (4, 8)
+    assert FeatureManifest.load(directory).shards[-1] == lost
+    assert len(list(directory.glob("part-*.parquet"))) == 3
+    ids, vectors = read_features(directory)
+    assert len(ids) == len(set(ids)) == 12 and set(ids) == set(image_ids(workspace))
+    assert "ghost-1" not in pq.read_table(directory / lost["file"]).column("id").to_pylist()
+    assert np.abs(vectors).sum(1).min() > 0
+
+
+def test_image_deleted_after_ingest_is_recorded_as_failed(ingested: Workspace) -> None:
+    rows = read_images(ingested, CORPUS, "dev").to_pylist()
+    gone = rows[2]
+    os.remove(gone["uri"])
+
+    summary = extract_images(ingested, split="dev")
+
+    assert (summary.encoded, summary.failed) == (3, 1)
+    manifest = FeatureManifest.load(image_dir(ingested))
+    assert list(manifest.failed) == [gone["image_id"]]
+    assert "FileNotFoundError" in manifest.failed[gone["image_id"]]
+    ids, _ = read_features(image_dir(ingested))
+    assert gone["image_id"] not in ids and len(ids) == 3
+    # A rerun tries it again (it might be back), fails again, and still does not stop.
+    again = extract_images(ingested, split="dev")
+    assert (again.encoded, again.already_done, again.failed) == (0, 3, 1)
+
+
+def test_an_image_that_failed_and_came_back_is_no_longer_failed(ingested: Workspace) -> None:
+    row = read_images(ingested, CORPUS, "dev").to_pylist()[0]
+    saved = Path(row["uri"]).read_bytes()
+    os.remove(row["uri"])
+    assert extract_images(ingested, split="dev").failed == 1
+    Path(row["uri"]).write_bytes(saved)
+
+    summary = extract_images(ingested, split="dev")
+
+    assert (summary.encoded, summary.failed) == (1, 0)
+    assert row["image_id"] in read_features(image_dir(ingested))[0]
+    # Readers (align.data, store.tables) skip every id in `failed`, so a stale entry hides the image.
+    assert row["image_id"] not in FeatureManifest.load(image_dir(ingested)).failed
+
+
+def test_every_image_failing_still_writes_the_manifest(ingested: Workspace) -> None:
+    for row in read_images(ingested, CORPUS).to_pylist():
+        os.remove(row["uri"])
+
+    summary = extract_images(ingested)
+
+    assert (summary.encoded, summary.failed) == (0, 12)
+    assert len(FeatureManifest.load(image_dir(ingested)).failed) == 12
+    assert read_features(image_dir(ingested))[0] == []
+
+
+def test_identical_texts_get_identical_vectors(tiny_corpus: Path, workspace: Workspace) -> None:
+    record = write_picture(tiny_corpus, 15, "train")
+    record["captions"] = ["a picture of a red circle", "something else entirely"]  # first: also picture 0's
+    write_records(tiny_corpus, [record], mode="a")
+    ingest_corpus(tiny_corpus, workspace, CORPUS)
+
+    extract_texts(workspace, shard_size=1000)
+
+    captions = read_captions(workspace, CORPUS).to_pylist()
+    same = [row["caption_id"] for row in captions if row["text"] == "a picture of a red circle"]
+    assert len(same) == 2
+    _, vectors = read_features(text_dir(workspace), same)
+    assert np.array_equal(vectors[0], vectors[1])
+    expected = load_encoder(TEXT_ENCODER, **ENCODER_RUNTIME).encode(["a picture of a red circle"])[0]
+    assert np.allclose(vectors[0], expected.numpy(), atol=1e-4)
+
+
+def test_spawned_workers_give_the_same_vectors(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
+    corpus, inline = extracted_once  # extracted with num_workers=0
+    spawned = Workspace(tmp_path / "spawned")
+    ingest_corpus(corpus, spawned, CORPUS)
+
+    summary = extract_images(spawned, num_workers=2, batch_size=4)
+
+    assert (summary.encoded, summary.failed) == (12, 0)
+    ids = image_ids(inline)
+    _, a = read_features(image_dir(inline), ids)
+    _, b = read_features(image_dir(spawned), ids)
+    assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4)

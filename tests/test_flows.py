@@ -1,0 +1,81 @@
+"""The Prefect flows against a real (session-scoped) Prefect backend, LanceDB and the bundled encoders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lancedb
+import pytest
+import yaml
+
+from crossalign.config import CorpusConfig, PipelineConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(prefect_backend, tmp_path_factory):
+    """One pipeline run on a tiny real-image corpus, then a second run over the same workspace."""
+    from conftest import write_tiny_corpus
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("flows")
+    corpus = write_tiny_corpus(root / "corpus")
+    config = PipelineConfig(
+        workspace=root / "ws", corpus=CorpusConfig(root=corpus),
+        train=TrainConfig(dim=64, steps=300, batch_size=8, eval_every=50, input_dropout=0.0, warmup_steps=10,
+                          train_split="train", eval_split="train"),
+    )
+    first = pipeline(config)
+    second = pipeline(config)
+    return config, first, second
+
+
+def test_pipeline_runs_every_stage(pipeline_run):
+    config, first, _ = pipeline_run
+    assert first["ingest"]["images"] > 0 and first["ingest"]["captions"] >= first["ingest"]["images"]
+    assert [s["modality"] for s in first["extract"]] == ["image", "text"]
+    assert first["extract"][0]["encoded"] == first["ingest"]["images"]
+    assert first["extract"][1]["encoded"] == first["ingest"]["captions"]
+    assert first["train"] is not None and Path(first["train"]["mapper_dir"], "model.safetensors").exists()
+    assert first["embed"]["images_in_table"] == first["ingest"]["images"]
+    assert first["embed"]["captions_in_table"] == first["ingest"]["captions"]
+    assert first["samples"] and all(sample["hits"] for sample in first["samples"])
+
+
+def test_second_run_skips_done_work(pipeline_run):
+    _, first, second = pipeline_run
+    assert [s["encoded"] for s in second["extract"]] == [0, 0]
+    assert second["train"] is None  # the compatible mapper is reused
+    assert second["metrics"]["mapper_id"] == first["metrics"]["mapper_id"]
+    assert second["metrics"]["rsum"] == pytest.approx(first["metrics"]["rsum"])
+    assert second["embed"]["images_in_table"] == first["embed"]["images_in_table"]
+    assert second["embed"]["captions_in_table"] == first["embed"]["captions_in_table"]
+
+
+def test_tables_answer_plain_lancedb(pipeline_run):
+    config, first, _ = pipeline_run
+    db = lancedb.connect(str(Path(config.workspace) / "lancedb"))
+    images, captions = db.open_table("images"), db.open_table("captions")
+    assert images.count_rows() == first["ingest"]["images"]
+    caption = captions.search().limit(1).select(["vector", "image_id", "text"]).to_list()[0]
+    hits = (images.search(caption["vector"]).distance_type("cosine").limit(3)
+            .select(["id", "uri", "_distance"]).to_list())
+    assert caption["image_id"] in [hit["id"] for hit in hits]  # the memorised training pair comes back
+    assert all(Path(hit["uri"]).exists() for hit in hits)
+
+
+def test_pipeline_publishes_metrics_artifact(pipeline_run):
+    from prefect.artifacts import Artifact
+
+    _, first, _ = pipeline_run
+    artifact = Artifact.get("retrieval-metrics")
+    assert artifact is not None and first["metrics"]["mapper_id"] in artifact.data
+
+
+def test_deployment_file_schedules_the_pipeline_daily():
+    spec = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "prefect.yaml").read_text())
+    (deployment,) = [d for d in spec["deployments"] if d["entrypoint"] == "flows/pipeline.py:pipeline"]
+    assert deployment["schedules"][0]["cron"] == "0 3 * * *"
+    assert deployment["work_pool"]["name"]
+    from flows.pipeline import pipeline
+
+    assert pipeline.name == "pipeline"

@@ -1,0 +1,176 @@
+"""Text -> image and image -> text search over a real trained and embedded tiny workspace."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture, ingest_and_extract, write_tiny_corpus
+
+from crossalign.align import fit_mapper
+from crossalign.corpus import read_captions, read_images
+from crossalign.search import QueryError, Searcher, search_text
+from crossalign.store import embed_corpus
+from crossalign.workspace import Workspace, WorkspaceError
+
+# Enough steps to memorise the 8 training pictures. Selection runs on the training split too, so the
+# kept state is one that retrieves the training set (the point of these tests), not an early one.
+TRAIN_OPTIONS = {"dim": 64, "steps": 300, "eval_every": 50, "batch_size": 8, "input_dropout": 0.0,
+                 "warmup_steps": 20, "eval_split": "train"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace, str]:
+    """Ingest, extract, fit and embed the tiny corpus once for the module."""
+    root = tmp_path_factory.mktemp("search")
+    corpus_root, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
+    corpus = ingest_and_extract(corpus_root, workspace)
+    fit = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    assert fit.metrics["rsum"] == 600.0, "the tiny training set was not memorised: the tests below would be moot"
+    embed_corpus(workspace, corpus)
+    return corpus_root, workspace, corpus
+
+
+@pytest.fixture(scope="module")
+def searcher(built: tuple[Path, Workspace, str]) -> Searcher:
+    return Searcher(built[1], **ENCODER_RUNTIME)
+
+
+def captions_by_image(workspace: Workspace, corpus: str, split: str) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for row in read_captions(workspace, corpus, split).to_pylist():
+        grouped.setdefault(row["image_id"], []).append(row["text"])
+    return grouped
+
+
+def test_searcher_reads_the_mapper_from_the_tables(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, workspace, _ = built
+
+    assert searcher.metadata["mapper_id"] == workspace.current_mapper_id()
+    assert searcher.mapper_config["image_encoder"]["encoder"] == IMAGE_ENCODER
+    assert not searcher.mapper.training
+
+
+def test_a_training_caption_finds_its_image(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, workspace, corpus = built
+
+    for image_id, texts in captions_by_image(workspace, corpus, "train").items():
+        for text in texts:
+            hits = searcher.text_to_image(text, limit=3)
+            assert image_id in [hit.id for hit in hits], f"{text!r} did not find its image"
+
+
+def test_a_training_image_finds_one_of_its_captions(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, workspace, corpus = built
+    grouped = captions_by_image(workspace, corpus, "train")
+    images = read_images(workspace, corpus, "train").to_pylist()
+
+    for row in images[:4]:
+        hits = searcher.image_to_text(row["uri"], limit=3)
+        assert {hit.text for hit in hits} & set(grouped[row["image_id"]]), f"{row['uri']} found none of its captions"
+        assert all(hit.image_id for hit in hits)
+
+
+def test_an_unseen_file_of_a_known_picture_finds_its_captions(
+    built: tuple[Path, Workspace, str], searcher: Searcher, tmp_path: Path,
+) -> None:
+    _, workspace, corpus = built
+    img, colour, shape, _ = draw_picture(0)
+    query = tmp_path / "query.png"
+    img.resize((img.width * 2, img.height * 2)).save(query)  # other size and format: other bytes
+
+    hits = searcher.image_to_text(query, limit=3)
+
+    assert f"a picture of a {colour} {shape}" in [hit.text for hit in hits]
+
+
+def test_hits_are_ranked_by_cosine_similarity(searcher: Searcher) -> None:
+    hits = searcher.text_to_image("a blue triangle on a white background", limit=5)
+
+    assert [hit.rank for hit in hits] == [1, 2, 3, 4, 5]
+    scores = [hit.score for hit in hits]
+    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+    assert all(Path(hit.uri).is_file() and hit.split in {"train", "dev"} for hit in hits)
+    assert set(hits[0].to_dict()) == {"rank", "score", "id", "uri", "split"}  # no None fields
+
+
+def test_limit_caps_the_number_of_hits(searcher: Searcher) -> None:
+    assert len(searcher.text_to_image("a red circle", limit=2)) == 2
+    assert len(searcher.text_to_image("a red circle", limit=50)) == 12
+
+
+def test_split_filter_keeps_only_that_split(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, workspace, corpus = built
+    dev_ids = set(read_images(workspace, corpus, "dev").column("image_id").to_pylist())
+    train_image = read_images(workspace, corpus, "train").column("uri")[0].as_py()
+
+    image_hits = searcher.text_to_image("a red circle on a white background", limit=10, split="dev")
+    caption_hits = searcher.image_to_text(train_image, limit=10, split="dev")
+
+    assert {hit.id for hit in image_hits} == dev_ids
+    assert caption_hits and {hit.split for hit in caption_hits} == {"dev"}
+    assert {hit.image_id for hit in caption_hits} <= dev_ids
+
+
+def test_split_names_are_quoted_safely(searcher: Searcher) -> None:
+    assert searcher.text_to_image("a red circle", split="it's") == []
+
+
+def test_embed_text_and_image_give_unit_vectors(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    uri = read_images(built[1], built[2]).column("uri")[0].as_py()
+    for vector in (searcher.embed_text("a green square"), searcher.embed_image(uri)):
+        assert vector.shape == (TRAIN_OPTIONS["dim"],) and vector.dtype == np.float32
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text_query_is_refused(searcher: Searcher, text: str) -> None:
+    with pytest.raises(QueryError, match="empty"):
+        searcher.text_to_image(text)
+
+
+def test_missing_query_image_is_refused(searcher: Searcher, tmp_path: Path) -> None:
+    with pytest.raises(QueryError, match="does not exist"):
+        searcher.image_to_text(tmp_path / "nothing-here.jpg")
+    with pytest.raises(QueryError, match="does not exist"):
+        searcher.image_to_text(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize("content", [b"", b"plain text, not an image\n" * 10, "truncated"])
+def test_unreadable_query_image_is_refused(
+    built: tuple[Path, Workspace, str], searcher: Searcher, tmp_path: Path, content: bytes | str,
+) -> None:
+    if content == "truncated":
+        content = (built[0] / "images/pic000.jpg").read_bytes()[:600]
+    query = tmp_path / "query.jpg"
+    query.write_bytes(content)
+
+    with pytest.raises(QueryError, match="cannot be read as an image"):
+        searcher.image_to_text(query)
+
+
+def test_search_text_one_shot_with_default_runtime(built: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = built
+    pic = read_images(workspace, corpus).to_pylist()
+    red_circle = next(r["image_id"] for r in pic if Path(r["uri"]).name == "pic000.jpg")
+
+    hits = search_text(str(workspace.root), "a red circle on a white background", limit=3)
+
+    assert red_circle in [hit.id for hit in hits]
+
+
+def test_workspace_without_tables_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(WorkspaceError, match="no captions or images table"):
+        Searcher(Workspace(tmp_path / "empty"), **ENCODER_RUNTIME)
+
+
+def test_tables_whose_mapper_is_gone_are_refused(built: tuple[Path, Workspace, str], tmp_path: Path) -> None:
+    _, workspace, _ = built
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    copy = Workspace(tmp_path / "ws")
+    shutil.rmtree(copy.require_current_mapper())
+
+    with pytest.raises(WorkspaceError, match=f"built by mapper {copy.current_mapper_id()}"):
+        Searcher(copy, **ENCODER_RUNTIME)

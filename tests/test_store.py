@@ -1,0 +1,233 @@
+"""Joint embeddings in a real LanceDB directory: upserts on id, metadata naming the mapper, rebuilds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_picture, write_records, write_tiny_corpus
+
+from crossalign.align import MapperMismatchError, fit_mapper, load_mapper
+from crossalign.corpus import read_captions, read_images
+from crossalign.extract import FeatureManifest, read_features
+from crossalign.store import (
+    CAPTIONS_TABLE,
+    IMAGES_TABLE,
+    captions_schema,
+    embed_corpus,
+    images_schema,
+    table_metadata,
+    table_names,
+)
+from crossalign.workspace import Workspace, WorkspaceError
+
+TRAIN_OPTIONS = {"dim": 32, "steps": 40, "batch_size": 8, "eval_every": 20, "warmup_steps": 5, "input_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace, str]:
+    """A tiny corpus with features and a current mapper (built once for the module; tests copy it)."""
+    root = tmp_path_factory.mktemp("store")
+    corpus_root, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
+    corpus = ingest_and_extract(corpus_root, workspace)
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    return corpus_root, workspace, corpus
+
+
+@pytest.fixture
+def ws(fitted: tuple[Path, Workspace, str], tmp_path: Path) -> tuple[Path, Workspace, str]:
+    """A private copy of the fitted workspace and its corpus, with no LanceDB tables yet."""
+    corpus_root, workspace, corpus = fitted
+    shutil.copytree(corpus_root, tmp_path / "corpus")
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    return tmp_path / "corpus", Workspace(tmp_path / "ws"), corpus
+
+
+def rows(workspace: Workspace, table: str) -> list[dict]:
+    return lancedb.connect(str(workspace.lancedb_uri)).open_table(table).to_arrow().to_pylist()
+
+
+def test_embed_writes_one_row_per_image_and_caption(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+
+    summary = embed_corpus(workspace, corpus)
+
+    n_images, n_captions = read_images(workspace, corpus).num_rows, read_captions(workspace, corpus).num_rows
+    assert (summary.images, summary.captions) == (n_images, n_captions) == (12, 28)
+    assert (summary.images_in_table, summary.captions_in_table) == (12, 28)
+    assert summary.mapper_id == workspace.current_mapper_id()
+    assert Path(summary.lancedb_uri) == workspace.lancedb_uri
+    image_rows, caption_rows = rows(workspace, IMAGES_TABLE), rows(workspace, CAPTIONS_TABLE)
+    assert sorted(r["id"] for r in image_rows) == sorted(read_images(workspace, corpus).column("image_id").to_pylist())
+    assert {r["mapper_id"] for r in image_rows + caption_rows} == {summary.mapper_id}
+    assert {r["corpus"] for r in image_rows + caption_rows} == {corpus}
+    images = {r["image_id"]: r for r in read_images(workspace, corpus).to_pylist()}
+    for row in image_rows:
+        assert (row["uri"], row["split"]) == (images[row["id"]]["uri"], images[row["id"]]["split"])
+    captions = {r["caption_id"]: r for r in read_captions(workspace, corpus).to_pylist()}
+    for row in caption_rows:
+        expected = captions[row["id"]]
+        assert [row[k] for k in ("text", "image_id", "split")] == [expected[k] for k in ("text", "image_id", "split")]
+
+
+def test_stored_vectors_are_the_mapper_applied_to_the_features(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    model, _ = load_mapper(workspace.require_current_mapper())
+
+    for table, encoder, project in ((IMAGES_TABLE, IMAGE_ENCODER, model.encode_image),
+                                    (CAPTIONS_TABLE, TEXT_ENCODER, model.encode_text)):
+        stored = rows(workspace, table)
+        _, features = read_features(workspace.features_dir(corpus, encoder), [r["id"] for r in stored])
+        with torch.no_grad():
+            expected = project(torch.from_numpy(features)).numpy()
+        vectors = np.array([r["vector"] for r in stored], dtype=np.float32)
+        assert vectors.shape == (len(stored), TRAIN_OPTIONS["dim"])
+        assert np.allclose(vectors, expected, atol=1e-6), table
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_second_embed_changes_nothing(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    before = {table: sorted(rows(workspace, table), key=lambda r: r["id"]) for table in (IMAGES_TABLE, CAPTIONS_TABLE)}
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert (summary.images_in_table, summary.captions_in_table) == (12, 28)
+    for table in (IMAGES_TABLE, CAPTIONS_TABLE):
+        assert sorted(rows(workspace, table), key=lambda r: r["id"]) == before[table]
+
+
+def test_new_corpus_items_are_added_to_the_tables(ws: tuple[Path, Workspace, str]) -> None:
+    corpus_root, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    new = write_picture(corpus_root, 12, "train")
+    write_records(corpus_root, [new], mode="a")
+    ingest_and_extract(corpus_root, workspace, corpus)
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert (summary.images_in_table, summary.captions_in_table) == (13, 28 + len(new["captions"]))
+    texts = {r["text"] for r in rows(workspace, CAPTIONS_TABLE)}
+    assert set(new["captions"]) <= texts
+
+
+def test_table_metadata_names_the_mapper_and_the_encoders(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    summary = embed_corpus(workspace, corpus)
+    _, config = load_mapper(workspace.require_current_mapper())
+
+    db = lancedb.connect(str(workspace.lancedb_uri))
+    assert {IMAGES_TABLE, CAPTIONS_TABLE} <= set(table_names(db))
+    for table in (IMAGES_TABLE, CAPTIONS_TABLE):
+        metadata = table_metadata(db.open_table(table).schema)
+        assert metadata["mapper_id"] == summary.mapper_id
+        assert metadata["dim"] == TRAIN_OPTIONS["dim"] and metadata["metric"] == "cosine"
+        assert metadata["image_encoder"] == config["image_encoder"]
+        assert metadata["text_encoder"] == config["text_encoder"]
+        assert metadata["image_encoder"]["encoder"] == IMAGE_ENCODER
+        assert metadata["text_encoder"]["encoder"] == TEXT_ENCODER
+    image_schema, caption_schema = (db.open_table(t).schema for t in (IMAGES_TABLE, CAPTIONS_TABLE))
+    assert image_schema.names == images_schema(TRAIN_OPTIONS["dim"]).names
+    assert caption_schema.names == captions_schema(TRAIN_OPTIONS["dim"]).names
+    assert image_schema.field("vector").type == images_schema(TRAIN_OPTIONS["dim"]).field("vector").type
+
+
+def test_table_metadata_of_a_foreign_table_is_empty(tmp_path: Path) -> None:
+    db = lancedb.connect(str(tmp_path / "db"))
+    table = db.create_table("other", data=[{"id": "a", "vector": [0.0, 1.0]}])
+
+    assert table_metadata(table.schema) == {}
+
+
+def test_plain_lancedb_can_search_the_tables(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    db = lancedb.connect(str(workspace.lancedb_uri))
+    images = db.open_table(IMAGES_TABLE)
+    target = images.to_arrow().to_pylist()[3]
+
+    hits = images.search(target["vector"]).distance_type("cosine").limit(3).to_list()
+
+    assert hits[0]["id"] == target["id"] and hits[0]["_distance"] == pytest.approx(0.0, abs=1e-5)
+    assert len(hits) == 3 and hits[1]["_distance"] > 1e-4
+    dev = images.search(target["vector"]).distance_type("cosine").where("split = 'dev'", prefilter=True).limit(20)
+    assert {hit["split"] for hit in dev.to_list()} == {"dev"} and len(dev.to_list()) == 4
+
+
+def test_a_new_mapper_rebuilds_the_tables(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    first = embed_corpus(workspace, corpus)
+    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 7, "dim": 16})
+    assert other.mapper_id != first.mapper_id
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.mapper_id == other.mapper_id
+    assert (summary.images_in_table, summary.captions_in_table) == (12, 28)
+    db = lancedb.connect(str(workspace.lancedb_uri))
+    for table in (IMAGES_TABLE, CAPTIONS_TABLE):
+        stored = rows(workspace, table)
+        assert {r["mapper_id"] for r in stored} == {other.mapper_id}
+        assert {len(r["vector"]) for r in stored} == {16}
+        assert table_metadata(db.open_table(table).schema)["mapper_id"] == other.mapper_id
+
+
+def test_embed_with_a_named_mapper_that_is_not_current(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    first_id = workspace.current_mapper_id()
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 9})
+    assert workspace.current_mapper_id() != first_id
+
+    summary = embed_corpus(workspace, corpus, mapper_id=first_id)
+
+    assert summary.mapper_id == first_id
+    assert {r["mapper_id"] for r in rows(workspace, IMAGES_TABLE)} == {first_id}
+
+
+def test_images_whose_features_failed_are_not_stored(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    directory = workspace.features_dir(corpus, IMAGE_ENCODER)
+    manifest = FeatureManifest.load(directory)
+    failed_id = read_images(workspace, corpus).column("image_id")[0].as_py()
+    manifest.failed[failed_id] = "OSError: unreadable"
+    manifest.save(directory)
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.images == summary.images_in_table == 11
+    assert failed_id not in {r["id"] for r in rows(workspace, IMAGES_TABLE)}
+
+
+def test_embed_without_a_mapper_raises(fitted: tuple[Path, Workspace, str], tmp_path: Path) -> None:
+    corpus_root, _, corpus = fitted
+    workspace = Workspace(tmp_path / "fresh")
+    ingest_and_extract(corpus_root, workspace, corpus)
+
+    with pytest.raises(WorkspaceError, match="no trained mapper"):
+        embed_corpus(workspace, corpus)
+    assert not workspace.lancedb_uri.exists() or not table_names(lancedb.connect(str(workspace.lancedb_uri)))
+
+
+def test_embed_without_features_raises(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    shutil.rmtree(workspace.features_dir(corpus, TEXT_ENCODER))
+
+    with pytest.raises(WorkspaceError, match="no minilm-l6 features"):
+        embed_corpus(workspace, corpus)
+
+
+def test_embed_refuses_features_of_other_encoders(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    directory = workspace.features_dir(corpus, IMAGE_ENCODER)
+    manifest = FeatureManifest.load(directory)
+    manifest.encoder = {**manifest.encoder, "weights_digest": "ffffffffffffffff"}
+    manifest.save(directory)
+
+    with pytest.raises(MapperMismatchError, match="image features"):
+        embed_corpus(workspace, corpus)
