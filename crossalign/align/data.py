@@ -49,7 +49,7 @@ def load_paired_features(workspace: Workspace, corpus: str, split: str, image_en
                          text_encoder: str) -> PairedFeatures:
     """Load the cached features of `split` of an ingested corpus.
 
-    Images whose features failed are left out, with their captions.
+    Images whose features failed are left out with their captions, and so are images with no caption.
 
     Raises:
         WorkspaceError: the split is empty, or features are missing (extract first).
@@ -63,8 +63,9 @@ def load_paired_features(workspace: Workspace, corpus: str, split: str, image_en
     manifests = [FeatureManifest.load(d) for d in (image_dir, text_dir)]
     if any(m is None for m in manifests):
         raise WorkspaceError(f"features of corpus {corpus!r} are missing: run extraction first")
-    failed = set(manifests[0].failed)
-    image_ids = [i for i in images.column("image_id").to_pylist() if i not in failed]
+    # The protocol ranks an image by its own captions: images without any (or without features) are left out.
+    captioned = set(captions.column("image_id").to_pylist()) - set(manifests[0].failed)
+    image_ids = [i for i in images.column("image_id").to_pylist() if i in captioned]
     position = {image_id: row for row, image_id in enumerate(image_ids)}
     pairs = [(c, position[i]) for c, i in zip(captions.column("caption_id").to_pylist(),
                                               captions.column("image_id").to_pylist()) if i in position]

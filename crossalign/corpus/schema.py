@@ -12,7 +12,7 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "ok", or what was normalised
+        pa.field("status", pa.string(), nullable=False),  # "ok" (the image decoded and is used as it is)
     ]
 )
 
@@ -29,7 +29,7 @@ REJECTS_SCHEMA = pa.schema(
     [
         pa.field("kind", pa.string(), nullable=False),  # "image" | "caption" | "record"
         pa.field("source", pa.string(), nullable=False),  # path, caption text or line number
-        pa.field("reason", pa.string(), nullable=False),  # stable code, see corpus.ingest.RejectReason
+        pa.field("reason", pa.string(), nullable=False),  # stable code, e.g. missing_file, undecodable, empty_caption
         pa.field("message", pa.string(), nullable=False),
     ]
 )

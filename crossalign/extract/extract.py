@@ -141,6 +141,7 @@ def _run_extraction(
                     failed += 1
                     logger.warning("cannot encode %s: %s", ids[position], error)
                     continue
+                manifest.failed.pop(ids[position], None)  # it decodes again: no longer failed
                 pending_ids.append(ids[position])
                 pending_vectors.append(vector)
             while len(pending_ids) >= shard_size:
@@ -149,7 +150,7 @@ def _run_extraction(
             bar.update(len(positions))
         if pending_ids:
             writer.write(pending_ids, np.stack(pending_vectors))
-        elif failed:
+        elif todo:  # only failures changed (added or cleared): record them
             manifest.save(directory)
     seconds = time.perf_counter() - start
     encoded = len(todo) - failed
