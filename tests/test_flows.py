@@ -15,6 +15,7 @@ from crossalign.config import CorpusConfig, PipelineConfig, TrainConfig
 def pipeline_run(prefect_backend, tmp_path_factory):
     """One pipeline run on a tiny real-image corpus, then a second run over the same workspace."""
     from conftest import write_tiny_corpus
+
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("flows")
