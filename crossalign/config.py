@@ -52,10 +52,18 @@ class ExtractConfig(_Section):
     precision: Precision = Field(
         default="auto", description="'auto' uses bf16 where the hardware supports it, else fp32."
     )
-    image_batch_size: int = Field(default=64, gt=0)
+    image_batch_size: int | None = Field(
+        default=None, gt=0, description="Images per forward pass; default 32 on CPU, 256 on CUDA (backs off on OOM)."
+    )
     text_batch_size: int = Field(default=256, gt=0)
     shard_size: int = Field(default=4096, gt=0, description="Rows per Parquet feature shard.")
-    num_workers: int = Field(default=2, ge=0, description="Image-decoding worker processes (spawned).")
+    decode: Literal["threads", "processes"] = Field(
+        default="threads",
+        description="Decode images in a thread pool (measured faster here) or in spawned DataLoader processes.",
+    )
+    num_workers: int | None = Field(
+        default=None, ge=0, description="Decode threads or processes; default: CPU cores - 1 (at least 1, at most 8)."
+    )
 
 
 class TrainConfig(_Section):

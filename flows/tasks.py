@@ -40,7 +40,8 @@ def extract_images(config: PipelineConfig, split: str | None = None) -> dict[str
     e = config.extract
     return extract_image_features(
         _workspace(config), config.corpus.corpus_name, e.image_encoder, device=e.device, precision=e.precision,
-        batch_size=e.image_batch_size, shard_size=e.shard_size, num_workers=e.num_workers, split=split,
+        batch_size=e.image_batch_size, shard_size=e.shard_size, num_workers=e.num_workers, decode=e.decode,
+        split=split,
     ).to_dict()
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from crossalign.extract import (
     extract_text_features,
     read_features,
 )
+from crossalign.extract.extract import BackoffEncoder
 from crossalign.extract.shards import features_schema
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -305,15 +310,88 @@ def test_identical_texts_get_identical_vectors(tiny_corpus: Path, workspace: Wor
     assert np.allclose(vectors[0], expected.numpy(), atol=1e-4)
 
 
-def test_spawned_workers_give_the_same_vectors(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
-    corpus, inline = extracted_once  # extracted with num_workers=0
+@pytest.mark.parametrize("decode", ["processes", "threads"])
+def test_parallel_decoding_gives_the_same_vectors(
+    extracted_once: tuple[Path, Workspace], tmp_path: Path, decode: str
+) -> None:
+    corpus, inline = extracted_once  # decoded one at a time (one thread)
     spawned = Workspace(tmp_path / "spawned")
     ingest_corpus(corpus, spawned, CORPUS)
 
-    summary = extract_images(spawned, num_workers=2, batch_size=4)
+    summary = extract_images(spawned, num_workers=2, batch_size=4, decode=decode)
 
     assert (summary.encoded, summary.failed) == (12, 0)
     ids = image_ids(inline)
     _, a = read_features(image_dir(inline), ids)
     _, b = read_features(image_dir(spawned), ids)
     assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4)
+
+
+KILLABLE_EXTRACTION = """
+import sys
+from crossalign.extract import extract_image_features
+from crossalign.workspace import Workspace
+
+if __name__ == "__main__":
+    extract_image_features(Workspace(sys.argv[1]), "tiny", "efficientnet-lite0", device="cpu", precision="fp32",
+                           batch_size=4, shard_size=8, num_workers=0)
+"""
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    corpus = write_tiny_corpus(tmp_path / "corpus", n_train=40, n_dev=8)
+    killed, clean = Workspace(tmp_path / "killed"), Workspace(tmp_path / "clean")
+    for workspace in (killed, clean):
+        ingest_corpus(corpus, workspace, "tiny")
+    manifest = killed.features_dir("tiny", IMAGE_ENCODER) / "_manifest.json"
+    script = tmp_path / "extract.py"
+    script.write_text(KILLABLE_EXTRACTION)
+    process = subprocess.Popen([sys.executable, str(script), str(killed.root)])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    shards_before = len(json.loads(manifest.read_text())["shards"])
+    assert 1 <= shards_before < 6, "the run was not killed in the middle (48 images make 6 shards)"
+
+    resumed = extract_image_features(killed, "tiny", IMAGE_ENCODER, batch_size=4, shard_size=8, num_workers=0,
+                                     **ENCODER_RUNTIME)
+    extract_image_features(clean, "tiny", IMAGE_ENCODER, batch_size=4, shard_size=8, num_workers=0, **ENCODER_RUNTIME)
+
+    assert resumed.already_done == 8 * shards_before and resumed.encoded == 48 - 8 * shards_before
+    ids, vectors = read_features(killed.features_dir("tiny", IMAGE_ENCODER))
+    clean_ids, clean_vectors = read_features(clean.features_dir("tiny", IMAGE_ENCODER))
+    assert len(ids) == len(set(ids)) == 48 and sorted(ids) == sorted(clean_ids)
+    _, aligned = read_features(clean.features_dir("tiny", IMAGE_ENCODER), ids)
+    np.testing.assert_allclose(vectors, aligned, rtol=1e-4, atol=1e-5)
+    assert not list(killed.features_dir("tiny", IMAGE_ENCODER).glob(".part-*"))  # no half-written shard left
+
+
+def test_cuda_out_of_memory_backs_off_instead_of_failing() -> None:
+    calls: list[int] = []
+
+    def encode(batch: torch.Tensor) -> torch.Tensor:  # a device that only fits 3 rows at once
+        calls.append(len(batch))
+        if len(batch) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return batch.float() * 2
+
+    backoff = BackoffEncoder(encode)
+    out = backoff(torch.arange(10).view(10, 1))
+    assert torch.equal(out, torch.arange(10).view(10, 1).float() * 2)  # every row, in order
+    assert backoff.max_rows == 2 and calls[:3] == [10, 5, 2]
+    calls.clear()
+    backoff(torch.arange(4).view(4, 1))
+    assert calls == [2, 2]  # later batches go straight to the smaller size
+
+
+def test_unknown_decode_mode_fails_before_any_work(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
+    corpus, _ = extracted_once
+    workspace = Workspace(tmp_path / "ws")
+    ingest_corpus(corpus, workspace, CORPUS)
+    with pytest.raises(ValueError, match="'threads' or 'processes'"):
+        extract_images(workspace, decode="fibres")
+    assert not image_dir(workspace).exists()

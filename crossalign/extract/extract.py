@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +41,9 @@ class ExtractSummary:
     items_per_s: float
     features_dir: str
     precision: str
+    wait_s: float = 0.0  # waiting for decoded inputs
+    encode_s: float = 0.0  # in the encoder's forward
+    write_s: float = 0.0  # writing shards
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,12 +68,47 @@ class ImageFiles(Dataset):
             return index, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(err).__name__}: {err}"
 
 
+def threaded_batches(
+    dataset: ImageFiles, batch_size: int, threads: int, pin: bool, prefetch: int = 4
+) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+    """Batches of `dataset` in order, decoded by a thread pool `prefetch` batches ahead."""
+    starts = iter(range(0, len(dataset), batch_size))
+    pending: deque[list[Future]] = deque()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                stop = min(start + batch_size, len(dataset))
+                pending.append([pool.submit(dataset.__getitem__, i) for i in range(start, stop)])
+
+        for _ in range(prefetch):
+            submit()
+        while pending:
+            items = [future.result() for future in pending.popleft()]
+            submit()
+            pixels = torch.stack([item[1] for item in items])
+            yield [item[0] for item in items], pixels.pin_memory() if pin else pixels, [item[2] for item in items]
+
+
+def default_num_workers() -> int:
+    """Decode workers: one core is left to the main process (the model), at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def extract_image_features(
     workspace: Workspace, corpus: str, encoder_name: str = "efficientnet-lite0", *, device: str = "auto",
-    precision: str = "auto", batch_size: int = 64, shard_size: int = 4096, num_workers: int = 2,
-    split: str | None = None,
+    precision: str = "auto", batch_size: int | None = None, shard_size: int = 4096, num_workers: int | None = None,
+    split: str | None = None, decode: str = "threads",
 ) -> ExtractSummary:
     """Encode the corpus images that have no features yet for `encoder_name`.
+
+    Decoding runs in `num_workers` spawned processes (default: CPU cores - 1, at most 8; the main
+    process runs the model). `batch_size` defaults to 32 on the CPU (measured fastest for Lite0 here)
+    and 256 on CUDA, where an out-of-memory batch is split instead of failing. `decode="threads"`
+    (the default) decodes in a pool of `num_workers` threads (Pillow releases the GIL while decoding);
+    "processes" in spawned DataLoader workers. Measured: threads were faster both on the 2-core CPU
+    here (46 vs 40 images/s, Lite0) and on an H200 (1,127 vs 377-570 images/s, ResNet-50 bf16).
 
     Returns:
         An `ExtractSummary`.
@@ -73,24 +116,48 @@ def extract_image_features(
     Raises:
         FeatureMismatchError: the features directory belongs to another encoder setup.
     """
+    if decode not in ("threads", "processes"):
+        raise ValueError(f"unknown decode mode {decode!r}: use 'threads' or 'processes'")
     encoder = load_encoder(encoder_name, device, precision)
     assert isinstance(encoder, ImageEncoder), f"{encoder_name} is not an image encoder"
     images = read_images(workspace, corpus, split)
     ids, uris = images.column("image_id").to_pylist(), images.column("uri").to_pylist()
     size = encoder.preprocessing.get("size", 224)
     directory = workspace.features_dir(corpus, encoder.name)
+    on_gpu = encoder.runtime.device.type == "cuda"
+    batch_size = batch_size or (256 if on_gpu else 32)
+    num_workers = default_num_workers() if num_workers is None else num_workers
 
     def batches(todo: list[int]) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+        dataset = ImageFiles([uris[i] for i in todo], encoder.preprocess, size)
+        if decode == "threads":
+            for positions, pixels, errors in threaded_batches(dataset, batch_size, num_workers or 1, pin=on_gpu):
+                yield [todo[p] for p in positions], pixels, errors
+            return
         loader = DataLoader(
-            ImageFiles([uris[i] for i in todo], encoder.preprocess, size), batch_size=batch_size,
-            num_workers=num_workers, pin_memory=encoder.runtime.device.type == "cuda",
+            dataset, batch_size=batch_size,
+            num_workers=num_workers, pin_memory=on_gpu,
             multiprocessing_context="spawn" if num_workers > 0 else None,
             persistent_workers=False,
         )
         for positions, pixels, errors in loader:
             yield [todo[p] for p in positions.tolist()], pixels, list(errors)
 
-    return _run_extraction(encoder, ids, directory, batches, encoder.encode, shard_size)
+    # With the model on a GPU the main process needs few CPU threads; idle OpenMP threads spinning there
+    # would take the cores that the decode workers need.
+    with _torch_threads(min(4, torch.get_num_threads()) if on_gpu else None):
+        return _run_extraction(encoder, ids, directory, batches, encoder.encode, shard_size)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def extract_text_features(
@@ -117,6 +184,33 @@ def extract_text_features(
     return _run_extraction(encoder, ids, directory, batches, encode_unique, shard_size)
 
 
+class BackoffEncoder:
+    """Calls `encode` on a batch; on CUDA out-of-memory, retries in halves instead of failing.
+
+    The smaller size is remembered, so later batches go straight to it.
+    """
+
+    def __init__(self, encode: Callable[[Any], torch.Tensor]) -> None:
+        self.encode = encode
+        self.max_rows: int | None = None
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        step, start, outputs = self.max_rows or len(inputs), 0, []
+        while start < len(inputs):
+            chunk = inputs[start:start + step]
+            try:
+                outputs.append(self.encode(chunk))
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise
+                torch.cuda.empty_cache()
+                step = self.max_rows = max(1, step // 2)
+                logger.warning("CUDA out of memory: encoding batches of at most %d from now on", step)
+                continue
+            start += len(chunk)
+        return torch.cat(outputs)
+
+
 def _run_extraction(
     encoder: ImageEncoder | TextEncoder, ids: list[str], directory: Path,
     batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
@@ -128,13 +222,24 @@ def _run_extraction(
     done = done_ids(directory)
     todo = [i for i, item in enumerate(ids) if item not in done]
     logger.info("%s: %d to encode, %d already done (%s)", encoder.name, len(todo), len(ids) - len(todo), directory)
+    encode = BackoffEncoder(encode)
+    timing = {"wait": 0.0, "encode": 0.0, "write": 0.0}
     start = time.perf_counter()
     pending_ids: list[str] = []
     pending_vectors: list[np.ndarray] = []
     failed = 0
     with tqdm(total=len(todo), desc=f"extract {encoder.name}", unit=encoder.modality, disable=None) as bar:
-        for positions, inputs, errors in batches(todo) if todo else ():
+        batch_iterator = iter(batches(todo) if todo else ())
+        while True:
+            tick = time.perf_counter()
+            try:
+                positions, inputs, errors = next(batch_iterator)
+            except StopIteration:
+                break
+            tock = time.perf_counter()
             vectors = encode(inputs).numpy()
+            timing["wait"] += tock - tick
+            timing["encode"] += time.perf_counter() - tock
             for position, vector, error in zip(positions, vectors, errors):
                 if error:
                     manifest.failed[ids[position]] = error
@@ -145,8 +250,10 @@ def _run_extraction(
                 pending_ids.append(ids[position])
                 pending_vectors.append(vector)
             while len(pending_ids) >= shard_size:
+                tick = time.perf_counter()
                 writer.write(pending_ids[:shard_size], np.stack(pending_vectors[:shard_size]))
                 del pending_ids[:shard_size], pending_vectors[:shard_size]
+                timing["write"] += time.perf_counter() - tick
             bar.update(len(positions))
         if pending_ids:
             writer.write(pending_ids, np.stack(pending_vectors))
@@ -159,4 +266,5 @@ def _run_extraction(
         failed=failed, seconds=round(seconds, 3),
         items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
         features_dir=str(directory), precision=encoder.runtime.precision,
+        **{f"{key}_s": round(value, 3) for key, value in timing.items()},
     )

@@ -44,6 +44,14 @@ class ShardWriter:
         self.directory = Path(directory)
         self.manifest = manifest
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written shards left by processes that are gone (a killed run)."""
+        for tmp in self.directory.glob(".part-*.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                tmp.unlink(missing_ok=True)
 
     def write(self, ids: list[str], vectors: np.ndarray) -> Path:
         """Write one complete shard and record it; returns its path."""
