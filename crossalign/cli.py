@@ -33,12 +33,13 @@ EvalSplit = Annotated[str, typer.Option(help="Split to select the mapper on and 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from crossalign.align import MapperMismatchError
     from crossalign.corpus.folder import CorpusConfigError
+    from crossalign.encoders import WeightsUnavailableError
     from crossalign.extract import FeatureMismatchError
     from crossalign.search import QueryError
     from crossalign.workspace import WorkspaceError
 
     return (CorpusConfigError, WorkspaceError, QueryError, MapperMismatchError, FeatureMismatchError,
-            ValidationError, ValueError, FileNotFoundError)
+            WeightsUnavailableError, ValidationError, ValueError, FileNotFoundError)
 
 
 def _friendly(command: Callable[..., None]) -> Callable[..., None]:
@@ -78,14 +79,22 @@ def run(
     steps: Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")] = 1500,
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
+    image_encoder: Annotated[str, typer.Option(help="efficientnet-lite0, torchvision:<model>[@weights]")] = (
+        "efficientnet-lite0"),
+    text_encoder: Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>[#cls]")] = "minilm-l6",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
-    config = _config(corpus, workspace, train_split, eval_split, extract={"device": device, "precision": precision},
+    extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder}
+    config = _config(corpus, workspace, train_split, eval_split, extract=extract,
                      train={"steps": steps}, retrain=retrain, queries=query or [])
     if not config.corpus.root.is_dir():
         raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
+    from crossalign.encoders import load_encoder
+
+    for name in (config.extract.image_encoder, config.extract.text_encoder):  # fail before any work; cached
+        load_encoder(name, config.extract.device, config.extract.precision)
     from flows.pipeline import pipeline
 
     result = pipeline(config)

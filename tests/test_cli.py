@@ -83,6 +83,11 @@ def test_evaluate_json(cli_workspace):
         (["search", "--workspace", "{ws}", "--image", "{notimage}"], "cannot be read as an image"),
         (["run", "--corpus", "{missing}", "--workspace", "{empty}"], "does not exist"),
         (["evaluate", "--corpus", "{corpus}", "--workspace", "{empty}"], "no trained mapper"),
+        (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--image-encoder", "torchvision:nope@random"],
+         "unknown torchvision model"),
+        (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--text-encoder", "hf:no-org/no-model"],
+         "never downloads"),
+        (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--precision", "fp8"], "invalid precision: Input should be 'auto'"),
     ],
 )
 def test_user_errors_are_one_line(cli_workspace, tmp_path, args, message):
