@@ -62,9 +62,14 @@ def _validation(err: ValidationError) -> str:
     return f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
 
 
-def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, **sections: Any) -> PipelineConfig:
+Format = Annotated[str, typer.Option("--format", help="auto, " + ", ".join(
+    ("jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset")))]
+
+
+def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, fmt: str = "auto",
+            **sections: Any) -> PipelineConfig:
     return PipelineConfig(
-        workspace=workspace, corpus=CorpusConfig(root=corpus),
+        workspace=workspace, corpus=CorpusConfig(root=corpus, format=fmt),
         extract=ExtractConfig(**sections.get("extract", {})),
         train=TrainConfig(train_split=train_split, eval_split=eval_split, **sections.get("train", {})),
         **{k: v for k, v in sections.items() if k not in {"extract", "train"}},
@@ -75,7 +80,7 @@ def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, **
 @_friendly
 def run(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-    eval_split: EvalSplit = "dev",
+    eval_split: EvalSplit = "dev", fmt: Format = "auto",
     steps: Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")] = 1500,
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
@@ -87,7 +92,7 @@ def run(
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder}
-    config = _config(corpus, workspace, train_split, eval_split, extract=extract,
+    config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
                      train={"steps": steps}, retrain=retrain, queries=query or [])
     if not config.corpus.root.is_dir():
         raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
@@ -126,6 +131,7 @@ def evaluate(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"),
     split: Annotated[str, typer.Option(help="Corpus split to evaluate on.")] = "dev",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    fmt: Format = "auto",
 ) -> None:
     """Evaluate the workspace's current mapper on a corpus split (ingesting and extracting what is missing)."""
     from crossalign.align import evaluate_current_mapper, load_mapper, metrics_table
@@ -136,8 +142,8 @@ def evaluate(
     _log_to_stderr()
     ws = Workspace(workspace)
     _, mapper = load_mapper(ws.require_current_mapper())
-    corpus_config = CorpusConfig(root=corpus)
-    ingest_corpus(corpus_config.root, ws, corpus_config.corpus_name)
+    corpus_config = CorpusConfig(root=corpus, format=fmt)
+    ingest_corpus(corpus_config.root, ws, corpus_config.corpus_name, fmt=corpus_config.format)
     extract_image_features(ws, corpus_config.corpus_name, mapper["image_encoder"]["encoder"], split=split)
     extract_text_features(ws, corpus_config.corpus_name, mapper["text_encoder"]["encoder"], split=split)
     metrics = evaluate_current_mapper(ws, corpus_config.corpus_name, split)
@@ -178,8 +184,8 @@ def _stage_command(stage: str, summary: str) -> None:
     """Register `crossalign <stage>`: runs the Prefect flow of that one stage and prints its summary as JSON."""
 
     def command(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-                eval_split: EvalSplit = "dev") -> None:
-        config = _config(corpus, workspace, train_split, eval_split)
+                eval_split: EvalSplit = "dev", fmt: Format = "auto") -> None:
+        config = _config(corpus, workspace, train_split, eval_split, fmt)
         flow = getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
         typer.echo(json.dumps(flow(config), indent=2, default=str))
 

@@ -25,10 +25,16 @@ class CorpusConfig(_Section):
     name: str | None = Field(
         default=None, description="Corpus name in the workspace; defaults to the folder's name."
     )
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset"] = Field(
+        default="auto", description="Corpus layout; 'auto' detects it when only one fits."
+    )
     captions_file: str = Field(
         default="captions.jsonl",
-        description="JSONL file under root: {'image': path, 'captions': [str, ...], 'split': str}.",
+        description="Captions file under root (jsonl: {'image': path, 'captions': [str, ...], 'split': str}).",
     )
+    image_column: str = Field(default="image", description="Table formats: the image path column.")
+    caption_column: str = Field(default="caption", description="Table formats: the caption column (or its plural).")
+    split_column: str = Field(default="split", description="Table formats: the split column, if any.")
     default_split: str = Field(default="train", description="Split for records that name none.")
     max_pixels: int = Field(
         default=40_000_000, gt=0, description="Images with more pixels are rejected (decompression bombs)."

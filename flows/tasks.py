@@ -24,7 +24,8 @@ def _workspace(config: PipelineConfig) -> Workspace:
 def ingest(config: PipelineConfig) -> dict[str, Any]:
     c = config.corpus
     summary = ingest_corpus(c.root, _workspace(config), c.corpus_name, c.captions_file, c.default_split,
-                            c.max_pixels, c.max_caption_chars).to_dict()
+                            c.max_pixels, c.max_caption_chars, fmt=c.format, image_column=c.image_column,
+                            caption_column=c.caption_column, split_column=c.split_column).to_dict()
     reasons = "".join(f"| {reason} | {n} |\n" for reason, n in sorted(summary["rejects_by_reason"].items()))
     create_markdown_artifact(
         key="ingest-summary", description="Ingest: accepted, normalised and rejected items",

@@ -87,7 +87,8 @@ def test_evaluate_json(cli_workspace):
          "unknown torchvision model"),
         (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--text-encoder", "hf:no-org/no-model"],
          "never downloads"),
-        (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--precision", "fp8"], "invalid precision: Input should be 'auto'"),
+        (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--precision", "fp8"],
+         "invalid precision: Input should be 'auto'"),
     ],
 )
 def test_user_errors_are_one_line(cli_workspace, tmp_path, args, message):

@@ -289,7 +289,7 @@ def test_same_caption_twice_is_kept_once(tiny_corpus: Path, workspace: Workspace
         b'{"captions": ["no image key"]}\n',
         b'["a", "list"]\n',
         b'{"image": "images/pic000.jpg", "captions": 7}\n',
-        b'{"image": "images/pic000.jpg", "captions": ["caf\xe9 latin-1"]}\n',
+        b'{"image": "images/pic\xe9.jpg", "captions": ["a path in latin-1"]}\n',
     ],
 )
 def test_bad_line_becomes_a_bad_record_reject(tiny_corpus: Path, workspace: Workspace, line: bytes) -> None:
@@ -345,3 +345,15 @@ def test_missing_root_raises_before_any_work(tmp_path: Path, workspace: Workspac
 def test_reading_a_corpus_that_was_never_ingested_raises(workspace: Workspace) -> None:
     with pytest.raises(WorkspaceError, match="ingest the corpus first"):
         read_images(workspace, "never")
+
+
+def test_caption_not_valid_utf8_is_rejected_alone(tiny_corpus: Path, workspace: Workspace) -> None:
+    with (tiny_corpus / "captions.jsonl").open("ab") as out:
+        out.write(b'{"image": "images/pic000.jpg", "captions": ["caf\xe9 latin-1", "a fine caption"]}\n')
+
+    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+
+    rows = rejects(workspace)
+    assert [(r["kind"], r["reason"]) for r in rows] == [("caption", "caption_not_utf8")]
+    assert summary.captions == TINY_CAPTIONS + 1  # the good caption of the same line is kept
+    assert summary.normalised_by_reason.get("duplicate_image_merged") == 1  # pic000 listed twice

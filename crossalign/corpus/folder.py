@@ -24,9 +24,10 @@ class CorpusRecord:
     """One image entry of a corpus as the captions file states it (nothing checked yet)."""
 
     line: int
-    image: str
+    image: str  # a path relative to the corpus root, or a name for embedded bytes
     captions: list[object]
     split: str
+    data: bytes | None = None  # the image itself, for formats that embed it (tar shards, Parquet)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class BadRecord:
 
     line: int
     message: str
+    reason: str = "bad_record"
+    source: str | None = None
 
 
 def read_jsonl_records(root: Path, captions_file: str, default_split: str) -> Iterator[CorpusRecord | BadRecord]:
@@ -61,13 +64,14 @@ def read_jsonl_records(root: Path, captions_file: str, default_split: str) -> It
 
 def _parse_line(number: int, raw: bytes, default_split: str) -> CorpusRecord | BadRecord:
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return BadRecord(number, "line is not valid UTF-8")
+        # Invalid UTF-8 survives as surrogates, so one bad caption rejects that caption, not its image.
+        obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))
     except json.JSONDecodeError as err:
         return BadRecord(number, f"line is not valid JSON: {err.msg}")
     if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
         return BadRecord(number, 'line needs an "image" string')
+    if has_invalid_utf8(obj["image"]):
+        return BadRecord(number, "the image path is not valid UTF-8")
     captions = obj.get("captions", obj.get("caption", []))
     if isinstance(captions, str):
         captions = [captions]
@@ -75,3 +79,8 @@ def _parse_line(number: int, raw: bytes, default_split: str) -> CorpusRecord | B
         return BadRecord(number, '"captions" must be a list of strings')
     split = obj.get("split") or default_split
     return CorpusRecord(line=number, image=obj["image"], captions=captions, split=str(split))
+
+
+def has_invalid_utf8(text: str) -> bool:
+    """True when `text` was decoded with errors="surrogateescape" from bytes that were not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import unicodedata
@@ -16,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from crossalign.corpus.folder import BadRecord, CorpusRecord, read_jsonl_records
+from crossalign.corpus.folder import BadRecord, CorpusRecord, has_invalid_utf8
+from crossalign.corpus.formats import ReaderOptions, read_records
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA
+from crossalign.imaging import normalise_to_rgb
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class IngestSummary:
     rejected: int = 0
     normalised: int = 0
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    normalised_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     images_table: str = ""
     captions_table: str = ""
@@ -47,6 +51,7 @@ class IngestSummary:
 class _Rejects:
     def __init__(self) -> None:
         self.rows: list[dict[str, str]] = []
+        self.normalised: Counter[str] = Counter()  # what was repaired or merged, by reason
 
     def add(self, kind: str, source: str, reason: str, message: str) -> None:
         logger.debug("reject %s %s: %s (%s)", kind, source, reason, message)
@@ -70,18 +75,22 @@ def _resolve_inside(root: Path, relative: str) -> Path | None:
     return candidate if candidate.is_relative_to(root) else None
 
 
-def _probe_image(path: Path, max_pixels: int) -> tuple[int, int]:
-    """Open and decode an image cheaply (JPEG draft mode); return (width, height).
+def _probe_image(source: Path | bytes, max_pixels: int) -> tuple[int, int, str, list[str]]:
+    """Open and decode an image cheaply (JPEG draft mode); return (width, height, format, normalisations).
 
     Raises:
         ValueError: with a reject reason code as its first argument.
     """
-    if path.stat().st_size == 0:
+    if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
         raise ValueError("empty_file", "file has zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                image_format = img.format or "unknown"
+                steps = normalise_to_rgb(img)[1] if img.mode != "RGB" or img.getexif().get(0x0112, 1) != 1 else []
+                if getattr(img, "n_frames", 1) > 1 and "first_frame" not in steps:
+                    steps.append("first_frame")
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ValueError("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
@@ -91,13 +100,15 @@ def _probe_image(path: Path, max_pixels: int) -> tuple[int, int]:
         raise ValueError("not_an_image", str(err)) from err
     except OSError as err:
         raise ValueError("undecodable", str(err)) from err
-    return width, height
+    return width, height, image_format, steps
 
 
 def _clean_caption(text: object, max_chars: int) -> tuple[str | None, str | None]:
     """Return (caption, None), or (None, reason) for an unusable caption. Long captions are truncated."""
     if not isinstance(text, str):
         return None, "caption_not_text"
+    if has_invalid_utf8(text):
+        return None, "caption_not_utf8"
     text = " ".join(unicodedata.normalize("NFC", text).split())
     if not text:
         return None, "empty_caption"
@@ -112,8 +123,15 @@ def ingest_corpus(
     default_split: str = "train",
     max_pixels: int = 40_000_000,
     max_caption_chars: int = 1000,
+    fmt: str = "auto",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    split_column: str = "split",
 ) -> IngestSummary:
-    """Read a "folder + captions.jsonl" corpus into `workspace`'s canonical tables.
+    """Read a corpus (any format of `crossalign.corpus.formats`) into `workspace`'s canonical tables.
+
+    `fmt="auto"` detects the format when only one fits. Images embedded in the corpus (tar shards,
+    Parquet bytes) are stored once under `corpora/<corpus>/blobs/`.
 
     Images get ids from their bytes, so the same corpus always yields the same tables and duplicate
     files collapse into one image with the captions of both. Anything unusable is written to the
@@ -131,11 +149,13 @@ def ingest_corpus(
     images: dict[str, dict] = {}
     captions: dict[str, dict] = {}
     normalised = 0
-    for record in read_jsonl_records(root, captions_file, default_split):
+    options = ReaderOptions(captions_file, default_split, image_column, caption_column, split_column)
+    blobs = workspace.corpus_dir(corpus) / "blobs"
+    for record in read_records(root, fmt, options):
         if isinstance(record, BadRecord):
-            rejects.add("record", f"{captions_file}:{record.line}", "bad_record", record.message)
+            rejects.add("record", record.source or f"{captions_file}:{record.line}", record.reason, record.message)
             continue
-        image = _ingest_image(root, record, images, rejects, max_pixels)
+        image = _ingest_image(root, record, images, rejects, max_pixels, blobs)
         if image is None:
             continue
         for text in record.captions:
@@ -144,23 +164,31 @@ def ingest_corpus(
 
 
 def _ingest_image(
-    root: Path, record: CorpusRecord, images: dict[str, dict], rejects: _Rejects, max_pixels: int
+    root: Path, record: CorpusRecord, images: dict[str, dict], rejects: _Rejects, max_pixels: int, blobs: Path
 ) -> dict | None:
-    path = _resolve_inside(root, record.image)
-    if path is None:
-        rejects.add("image", record.image, "path_outside_root", f"path escapes the corpus root {root}")
-        return None
-    if not path.is_file():
-        rejects.add("image", record.image, "missing_file", f"no file at {path}")
-        return None
+    if record.data is None:
+        path = _resolve_inside(root, record.image)
+        if path is None:
+            rejects.add("image", record.image, "path_outside_root", f"path escapes the corpus root {root}")
+            return None
+        if not path.is_file():
+            rejects.add("image", record.image, "missing_file", f"no file at {path}")
+            return None
     try:
-        width, height = _probe_image(path, max_pixels)
+        width, height, image_format, steps = _probe_image(path if record.data is None else record.data, max_pixels)
     except ValueError as err:
         reason, message = err.args
         rejects.add("image", record.image, reason, message)
         return None
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = hashlib.sha256(path.read_bytes() if record.data is None else record.data).hexdigest()
     image_id = sha[:ID_HEX_DIGITS]
+    if record.data is not None and image_id not in images:
+        path = blobs / f"{image_id}.{image_format.lower()}"
+        if not path.exists():
+            blobs.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(record.data)
+            os.replace(tmp, path)
     existing = images.get(image_id)
     if existing is not None:
         if existing["split"] != record.split:
@@ -170,10 +198,13 @@ def _ingest_image(
             )
             return None
         logger.info("%s has the same bytes as %s: captions merged", record.image, existing["uri"])
+        rejects.normalised["duplicate_image_merged"] += 1
         return existing
+    rejects.normalised.update(steps)
     images[image_id] = {
         "image_id": image_id, "uri": str(path), "sha256": sha,
-        "width": width, "height": height, "split": record.split, "status": "ok",
+        "width": width, "height": height, "split": record.split,
+        "status": "normalised:" + ",".join(steps) if steps else "ok",
     }
     return images[image_id]
 
@@ -182,14 +213,20 @@ def _ingest_caption(image: dict, text: object, captions: dict[str, dict], reject
     """Add one caption of `image`; returns 1 when it had to be normalised (truncated), else 0."""
     clean, reason = _clean_caption(text, max_chars)
     if clean is None:
-        rejects.add("caption", f"{image['uri']}: {text!r}"[:300], reason, "caption is empty or not text")
+        messages = {"caption_not_utf8": "caption is not valid UTF-8", "empty_caption": "caption is empty",
+                    "caption_not_text": "caption is not text"}
+        rejects.add("caption", f"{image['uri']}: {text!r}"[:300], reason, messages[reason])
         return 0
     caption_id = content_id(image["image_id"], clean)
-    if caption_id not in captions:  # the same caption twice for one image is kept once
+    if caption_id in captions:  # the same caption twice for one image is kept once
+        rejects.normalised["duplicate_caption_dropped"] += 1
+    else:
         captions[caption_id] = {
             "caption_id": caption_id, "image_id": image["image_id"], "text": clean, "split": image["split"],
         }
-    return int(len(" ".join(str(text).split())) > max_chars)
+    truncated = len(" ".join(str(text).split())) > max_chars
+    rejects.normalised["caption_truncated"] += truncated
+    return int(truncated)
 
 
 def _write_tables(
@@ -207,8 +244,9 @@ def _write_tables(
         images=len(image_rows),
         captions=len(caption_rows),
         rejected=len(rejects.rows),
-        normalised=normalised,
+        normalised=normalised + sum(row["status"] != "ok" for row in image_rows),
         rejects_by_reason=dict(Counter(row["reason"] for row in rejects.rows)),
+        normalised_by_reason={reason: n for reason, n in sorted(rejects.normalised.items()) if n},
         splits=dict(Counter(row["split"] for row in image_rows)),
         images_table=str(workspace.images_table(corpus)),
         captions_table=str(workspace.captions_table(corpus)),

@@ -12,7 +12,7 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "ok" (the image decoded and is used as it is)
+        pa.field("status", pa.string(), nullable=False),  # "ok", or "normalised:<steps>" (crossalign.imaging)
     ]
 )
 
