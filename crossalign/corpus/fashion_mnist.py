@@ -67,7 +67,7 @@ def write_fashion_mnist_corpus(
             name = CLASS_NAMES[labels[index]]
             relative = f"images/{split}/{name.replace(' ', '_')}_{index:05d}.png"
             if not (out / relative).exists():
-                Image.fromarray(images[index], mode="L").save(out / relative)
+                Image.fromarray(images[index]).save(out / relative)
             templates = rng.choice(len(TEMPLATES), size=captions_per_image, replace=False)
             with_article = ("an " if name[0] in "aeiou" else "a ") + name
             captions = [TEMPLATES[t].format(with_article) for t in templates]

@@ -17,6 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.transforms import InterpolationMode
 
 from crossalign.encoders.base import ImageEncoder, Runtime, file_digest
+from crossalign.imaging import normalise_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class ResizeCenterCrop:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.format == "JPEG":
             img.draft("RGB", (self.size, self.size))
-        img = img.convert("RGB")
+        img, _ = normalise_to_rgb(img)
         img = TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC)
         img = TF.center_crop(img, [self.size, self.size])
         return TF.pil_to_tensor(img)
