@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from crossalign.corpus import ingest_corpus, read_images
-from crossalign.encoders.efficientnet import ResizeCenterCrop
-from crossalign.imaging import normalise_to_rgb
+from crossalign.imaging import ResizeCenterCrop, normalise_to_rgb
 from crossalign.workspace import Workspace
 
 

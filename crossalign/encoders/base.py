@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from crossalign.imaging import ResizeCenterCrop
+
 logger = logging.getLogger(__name__)
 
 
@@ -123,17 +125,33 @@ class Encoder(ABC):
 
 
 class ImageEncoder(Encoder):
-    """Maps a batch of uint8 images (N, 3, H, W) to float32 features (N, dim) on the CPU."""
+    """Maps a batch of uint8 images (N, 3, H, W) to float32 features (N, dim) on the CPU.
+
+    Subclasses set `size`, `pixel_mean` and `pixel_std` (on the 0-255 scale) and implement
+    `_features` on a normalised channels-last batch.
+    """
 
     modality = "image"
+    size: int
+    pixel_mean: float | torch.Tensor
+    pixel_std: float | torch.Tensor
 
     @property
-    @abstractmethod
-    def preprocess(self) -> Any:
-        """A picklable callable PIL.Image -> uint8 tensor (3, H, W); runs in DataLoader workers."""
+    def preprocess(self) -> ResizeCenterCrop:
+        """A picklable callable PIL.Image -> uint8 tensor (3, size, size); runs in decode workers."""
+        return ResizeCenterCrop(self.size)
 
     @abstractmethod
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a normalised float batch on the encoder's device."""
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.runtime.device, non_blocking=True).float()
+        x = ((x - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            features = self._features(x)
+        return features.float().cpu()
 
 
 class TextEncoder(Encoder):

@@ -5,40 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.transforms import InterpolationMode
 
 from crossalign.encoders.base import ImageEncoder, Runtime, file_digest
-from crossalign.imaging import normalise_to_rgb
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ResizeCenterCrop:
-    """PIL image -> uint8 tensor (3, size, size): shorter side resized to `size`, then centre-cropped.
-
-    Picklable, so spawned DataLoader workers can run it. JPEGs are decoded at reduced size when
-    they are much larger than needed (Pillow's draft mode), which makes decoding several times cheaper.
-    """
-
-    size: int
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if img.format == "JPEG":
-            img.draft("RGB", (self.size, self.size))
-        img, _ = normalise_to_rgb(img)
-        img = TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC)
-        img = TF.center_crop(img, [self.size, self.size])
-        return TF.pil_to_tensor(img)
 
 
 # On the CPU in bf16, the stem and the first blocks run in fp32: bf16 rounding in these high-resolution
@@ -93,7 +69,8 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self.name = variant
         self.dim = 1280
         self.runtime = runtime
-        self._size = size
+        self.size = size
+        self.pixel_mean, self.pixel_std = 127.0, 128.0  # as Lite was trained: (x - 127) / 128 on 0-255
         self._weights_path = Path(weights_path)
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load; a library must not
             model = EfficientNet.from_pretrained(variant, weights_path=str(weights_path))
@@ -108,20 +85,11 @@ class EfficientNetLiteEncoder(ImageEncoder):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        return {"resize": "shorter-side bicubic", "crop": "center", "size": self._size,
+        return {"resize": "shorter-side bicubic", "crop": "center", "size": self.size,
                 "normalise": "(x*255-127)/128", "pooling": "global-average"}
 
-    @property
-    def preprocess(self) -> ResizeCenterCrop:
-        return ResizeCenterCrop(self._size)
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.runtime.device, non_blocking=True).float()
-        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
-        with self.runtime.autocast():
-            features = self._model.extract_features(x).mean((2, 3))
-        return features.float().cpu()
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model.extract_features(x).mean((2, 3))
 
 
 def load_efficientnet_lite0(runtime: Runtime) -> EfficientNetLiteEncoder:

@@ -8,7 +8,6 @@ the torch hub cache; nothing is downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import torchvision
 from torch import nn
 
 from crossalign.encoders.base import ImageEncoder, Runtime, WeightsUnavailableError, file_digest
-from crossalign.encoders.efficientnet import ResizeCenterCrop
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ class TorchvisionEncoder(ImageEncoder):
     def __init__(self, model_name: str, weights_name: str, runtime: Runtime, size: int = 224) -> None:
         self.name = f"torchvision:{model_name}" + ("" if weights_name == "DEFAULT" else f"@{weights_name}")
         self.runtime = runtime
-        self._size = size
+        self.size = size
         if weights_name == "random":
             with torch.random.fork_rng(devices=[]):  # the same "random" model in every process, RNG untouched
                 torch.manual_seed(0)
@@ -68,7 +66,7 @@ class TorchvisionEncoder(ImageEncoder):
             self.dim = int(self._model(torch.zeros(1, 3, size, size, device=runtime.device)).shape[1])
         mean = torch.tensor(IMAGENET_MEAN, device=runtime.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD, device=runtime.device).view(1, 3, 1, 1) * 255
-        self._mean, self._std = mean, std
+        self.pixel_mean, self.pixel_std = mean, std
 
     @property
     def weights_digest(self) -> str:
@@ -76,20 +74,11 @@ class TorchvisionEncoder(ImageEncoder):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        return {"resize": "shorter-side bicubic", "crop": "center", "size": self._size,
+        return {"resize": "shorter-side bicubic", "crop": "center", "size": self.size,
                 "normalise": "imagenet mean/std", "pooling": "model's global pool"}
 
-    @property
-    def preprocess(self) -> ResizeCenterCrop:
-        return ResizeCenterCrop(self._size)
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.runtime.device, non_blocking=True).float()
-        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-        with self.runtime.autocast() if self.runtime.autocast_dtype else contextlib.nullcontext():
-            features = self._model(x)
-        return features.float().cpu()
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model(x)
 
 
 def load_torchvision(spec: str, runtime: Runtime) -> TorchvisionEncoder:
