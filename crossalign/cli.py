@@ -110,7 +110,8 @@ def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
     from crossalign.align import metrics_table
 
     ingest = result["ingest"]
-    typer.echo(f"\ningested {ingest['images']} images, {ingest['captions']} captions, {ingest['rejected']} rejected")
+    typer.echo(f"\ningested {ingest['images']} images ({ingest['added']} new, {ingest['removed']} gone since the last "
+               f"run), {ingest['captions']} captions, {ingest['normalised']} normalised, {ingest['rejected']} rejected")
     for s in result["extract"]:
         typer.echo(f"extracted {s['encoder']}: {s['encoded']} new ({s['items_per_s']}/s, {s['precision']}), "
                    f"{s['already_done']} already done, {s['failed']} failed")

@@ -30,7 +30,8 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     create_markdown_artifact(
         key="ingest-summary", description="Ingest: accepted, normalised and rejected items",
         markdown=(f"### Ingest of `{summary['corpus']}`\n\n{summary['images']} images, {summary['captions']} "
-                  f"captions accepted; {summary['normalised']} normalised; {summary['rejected']} rejected.\n\n"
+                  f"captions accepted; {summary['normalised']} normalised; {summary['rejected']} rejected; "
+                  f"{summary['added']} images new since the last ingest, {summary['removed']} gone.\n\n"
                   + (f"| reason | count |\n|---|---:|\n{reasons}" if reasons else "")),
     )
     return summary

@@ -357,3 +357,19 @@ def test_caption_not_valid_utf8_is_rejected_alone(tiny_corpus: Path, workspace: 
     assert [(r["kind"], r["reason"]) for r in rows] == [("caption", "caption_not_utf8")]
     assert summary.captions == TINY_CAPTIONS + 1  # the good caption of the same line is kept
     assert summary.normalised_by_reason.get("duplicate_image_merged") == 1  # pic000 listed twice
+
+
+def test_reingest_reports_added_and_removed_images(tiny_corpus: Path, workspace: Workspace) -> None:
+    first = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    assert (first.added, first.removed) == (TINY_IMAGES, 0)
+    records = read_records(tiny_corpus)
+    gone = records[0]
+    gone_id = hashlib.sha256((tiny_corpus / gone["image"]).read_bytes()).hexdigest()[:32]
+    (tiny_corpus / gone["image"]).unlink()
+    write_records(tiny_corpus, records[1:] + [write_picture(tiny_corpus, 30, "train"),
+                                               write_picture(tiny_corpus, 31, "train")])
+
+    second = ingest_corpus(tiny_corpus, workspace, CORPUS)
+
+    assert (second.images, second.added, second.removed) == (TINY_IMAGES + 1, 2, 1)
+    assert second.removed_ids == [gone_id]

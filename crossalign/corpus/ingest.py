@@ -37,6 +37,9 @@ class IngestSummary:
     captions: int = 0
     rejected: int = 0
     normalised: int = 0
+    added: int = 0  # images that were not in the previous ingest of this corpus
+    removed: int = 0  # images of the previous ingest that are gone (reported, never silently dropped)
+    removed_ids: list[str] = field(default_factory=list)  # the first 20 of them
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     normalised_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
@@ -236,12 +239,20 @@ def _write_tables(
     workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)
     image_rows = sorted(images.values(), key=lambda row: row["image_id"])
     caption_rows = sorted(captions.values(), key=lambda row: (row["image_id"], row["caption_id"]))
+    before = _previous_ids(workspace.images_table(corpus))
+    removed = sorted(before - images.keys())
+    if removed:
+        logger.warning("%d images of the previous ingest of %s are gone from the corpus (first: %s)",
+                       len(removed), corpus, removed[0])
     _write_parquet(workspace.images_table(corpus), image_rows, IMAGES_SCHEMA)
     _write_parquet(workspace.captions_table(corpus), caption_rows, CAPTIONS_SCHEMA)
     _write_parquet(workspace.rejects_table(corpus), rejects.rows, REJECTS_SCHEMA)
     summary = IngestSummary(
         corpus=corpus,
         images=len(image_rows),
+        added=len(images.keys() - before),
+        removed=len(removed),
+        removed_ids=removed[:20],
         captions=len(caption_rows),
         rejected=len(rejects.rows),
         normalised=normalised + sum(row["status"] != "ok" for row in image_rows),
@@ -257,6 +268,12 @@ def _write_tables(
         corpus, summary.images, summary.captions, summary.rejected, summary.rejects_by_reason,
     )
     return summary
+
+
+def _previous_ids(images_table: Path) -> set[str]:
+    if not images_table.exists():
+        return set()
+    return set(pq.read_table(images_table, columns=["image_id"]).column("image_id").to_pylist())
 
 
 def _write_parquet(path: Path, rows: Iterable[dict], schema: pa.Schema) -> None:
