@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from crossalign.corpus.folder import BadRecord, CorpusRecord, has_invalid_utf8
 from crossalign.corpus.formats import ReaderOptions, read_records
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA
-from crossalign.imaging import normalise_to_rgb
+from crossalign.imaging import normalisation_steps
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
@@ -78,25 +78,25 @@ def _resolve_inside(root: Path, relative: str) -> Path | None:
     return candidate if candidate.is_relative_to(root) else None
 
 
-def _probe_image(source: Path | bytes, max_pixels: int) -> tuple[int, int, str, list[str]]:
-    """Open and decode an image cheaply (JPEG draft mode); return (width, height, format, normalisations).
+def _probe_image(data: bytes, max_pixels: int) -> tuple[int, int, str, list[str]]:
+    """Check an image cheaply: header, pixel count, then a reduced-size decode (JPEG draft mode).
+
+    Returns:
+        (width, height, format, the normalisation steps it will need).
 
     Raises:
         ValueError: with a reject reason code as its first argument.
     """
-    if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
+    if not data:
         raise ValueError("empty_file", "file has zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                image_format = img.format or "unknown"
-                steps = normalise_to_rgb(img)[1] if img.mode != "RGB" or img.getexif().get(0x0112, 1) != 1 else []
-                if getattr(img, "n_frames", 1) > 1 and "first_frame" not in steps:
-                    steps.append("first_frame")
+            with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
-                if width * height > max_pixels:
+                if width * height > max_pixels:  # before any pixel is decoded
                     raise ValueError("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
+                image_format, steps = img.format or "unknown", normalisation_steps(img)
                 img.draft("RGB", (64, 64))  # decode at reduced size: catches truncation cheaply
                 img.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -177,13 +177,14 @@ def _ingest_image(
         if not path.is_file():
             rejects.add("image", record.image, "missing_file", f"no file at {path}")
             return None
+    data = path.read_bytes() if record.data is None else record.data  # read once: probed and hashed
     try:
-        width, height, image_format, steps = _probe_image(path if record.data is None else record.data, max_pixels)
+        width, height, image_format, steps = _probe_image(data, max_pixels)
     except ValueError as err:
         reason, message = err.args
         rejects.add("image", record.image, reason, message)
         return None
-    sha = hashlib.sha256(path.read_bytes() if record.data is None else record.data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()
     image_id = sha[:ID_HEX_DIGITS]
     if record.data is not None and image_id not in images:
         path = blobs / f"{image_id}.{image_format.lower()}"
