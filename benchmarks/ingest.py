@@ -4,14 +4,14 @@
 
 Writes N distinct small JPEG/PNG files (coloured noise, 32-64 px) with captions.jsonl (once; reused
 when DIR already holds them), then times `ingest_corpus` in a fresh process and prints items/s and
-its peak RSS. The last line is machine-readable.
+its peak RSS. The same ingest of the first tenth of the corpus runs first, so the two peak RSS
+figures show how memory grows with corpus size. The last line is machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,7 +53,7 @@ import json, resource, sys, time
 from crossalign.corpus import ingest_corpus
 from crossalign.workspace import Workspace
 start = time.perf_counter()
-summary = ingest_corpus(sys.argv[1], Workspace(sys.argv[2]), "bench")
+summary = ingest_corpus(sys.argv[1], Workspace(sys.argv[2]), "bench", captions_file=sys.argv[3])
 seconds = time.perf_counter() - start
 print(json.dumps({"images": summary.images, "captions": summary.captions, "rejected": summary.rejected,
                   "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
@@ -68,15 +68,23 @@ def main() -> None:
     start = time.perf_counter()
     write_corpus(args.out, args.images)
     print(f"corpus: {args.images} image files in {args.out} ({time.perf_counter() - start:.0f}s to prepare)")
-    workspace = Path(tempfile.mkdtemp(prefix="crossalign-ingest-ws-"))
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(args.out), str(workspace)], capture_output=True,
-                            text=True, check=True)
-    stats = json.loads(result.stdout.strip().splitlines()[-1])
-    items_per_s = stats["images"] / stats["seconds"]
-    print(f"ingested {stats['images']} images, {stats['captions']} captions, {stats['rejected']} rejected in "
-          f"{stats['seconds']:.1f}s: {items_per_s:.0f} images/s, peak RSS {stats['peak_rss_mb']} MB "
-          f"(benchmark process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB)")
-    print(f"items_per_s={items_per_s:.1f} peak_rss_mb={stats['peak_rss_mb']}")
+    small = args.images // 10
+    lines = (args.out / "captions.jsonl").read_text().splitlines(keepends=True)
+    (args.out / "captions-tenth.jsonl").write_text("".join(lines[:small]))
+    results = {}
+    for captions_file in ("captions-tenth.jsonl", "captions.jsonl"):
+        workspace = Path(tempfile.mkdtemp(prefix="crossalign-ingest-ws-"))
+        result = subprocess.run([sys.executable, "-c", MEASURE, str(args.out), str(workspace), captions_file],
+                                capture_output=True, text=True, check=True)
+        results[captions_file] = stats = json.loads(result.stdout.strip().splitlines()[-1])
+        print(f"{captions_file}: {stats['images']} images, {stats['captions']} captions, {stats['rejected']} "
+              f"rejected in {stats['seconds']:.1f}s: {stats['images'] / stats['seconds']:.0f} images/s, "
+              f"peak RSS {stats['peak_rss_mb']} MB")
+    tenth, full = results["captions-tenth.jsonl"], results["captions.jsonl"]
+    growth_kb = (full["peak_rss_mb"] - tenth["peak_rss_mb"]) * 1024 / max(full["images"] - tenth["images"], 1)
+    print(f"peak RSS {tenth['peak_rss_mb']} MB at {tenth['images']} images, {full['peak_rss_mb']} MB at "
+          f"{full['images']}: {growth_kb:.2f} KB more per image")
+    print(f"items_per_s={full['images'] / full['seconds']:.1f} peak_rss_mb={full['peak_rss_mb']}")
 
 
 if __name__ == "__main__":

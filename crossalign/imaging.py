@@ -1,18 +1,14 @@
 """Turning any decodable image into the upright 8-bit RGB picture the encoders expect.
 
 Shared by ingest (which records what it had to normalise) and the encoders' preprocessing (which
-applies the same steps), so a corpus image is seen the same way at both stages.
+applies the same steps), so a corpus image is seen the same way at both stages. PIL and NumPy only:
+ingest never imports torch (it alone would take half a gigabyte of memory).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
@@ -64,22 +60,3 @@ def normalise_to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, steps
-
-
-@dataclass(frozen=True)
-class ResizeCenterCrop:
-    """PIL image -> uint8 tensor (3, size, size): shorter side resized to `size`, then centre-cropped.
-
-    Picklable, so spawned DataLoader workers can run it. JPEGs are decoded at reduced size when
-    they are much larger than needed (Pillow's draft mode), which makes decoding several times cheaper.
-    """
-
-    size: int
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if img.format == "JPEG":
-            img.draft("RGB", (self.size, self.size))
-        img, _ = normalise_to_rgb(img)
-        img = TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC)
-        img = TF.center_crop(img, [self.size, self.size])
-        return TF.pil_to_tensor(img)

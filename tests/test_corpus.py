@@ -86,9 +86,10 @@ def test_ids_do_not_depend_on_file_names_or_order(tiny_corpus: Path, tmp_path: P
     write_records(moved, records[::-1])
     ingest_corpus(moved, second, CORPUS)
 
-    for read in (read_images, read_captions):
-        assert read(first, CORPUS).drop(["uri"] if read is read_images else []).equals(
-            read(second, CORPUS).drop(["uri"] if read is read_images else []))
+    for read, key in ((read_images, "image_id"), (read_captions, "caption_id")):  # rows keep the input order
+        before, after = (read(ws, CORPUS).drop_columns(["uri"] if read is read_images else []).sort_by(key)
+                         for ws in (first, second))
+        assert before.equals(after)
 
 
 def test_reingest_is_idempotent_and_leaves_files_untouched(tiny_corpus: Path, workspace: Workspace) -> None:
@@ -276,10 +277,32 @@ def test_same_caption_twice_is_kept_once(tiny_corpus: Path, workspace: Workspace
     summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
 
     image_id = sha256_file(tiny_corpus / record["image"])[:32]
-    texts = [r["text"] for r in read_captions(workspace, CORPUS).to_pylist() if r["image_id"] == image_id]
-    assert texts == ["a dog on a beach"]
+    rows = [r for r in read_captions(workspace, CORPUS).to_pylist() if r["image_id"] == image_id]
+    caption_id = hashlib.sha256(f"{image_id}\x00a dog on a beach\x00".encode()).hexdigest()[:32]
+    assert rows == [{"caption_id": caption_id, "image_id": image_id, "text": "a dog on a beach", "split": "train"}]
     assert summary.captions == TINY_CAPTIONS + 1
-    assert summary.rejected == 0
+    assert summary.normalised_by_reason == {"duplicate_caption_dropped": 2}
+    assert rejects(workspace) == []
+
+
+def test_image_listed_twice_in_the_captions_file_is_one_image_with_both_lines_captions(
+    tiny_corpus: Path, workspace: Workspace
+) -> None:
+    record = write_picture(tiny_corpus, 23, "train")
+    record["captions"] = ["a dog on a beach", "a wet dog"]
+    again = {**record, "captions": ["a wet dog", "a dog running by the sea"]}  # the same id, a second line
+    write_records(tiny_corpus, [record, again], mode="a")
+
+    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+
+    image_id = sha256_file(tiny_corpus / record["image"])[:32]
+    image_rows = [r for r in read_images(workspace, CORPUS).to_pylist() if r["image_id"] == image_id]
+    assert [(r["uri"], r["split"]) for r in image_rows] == [(str(tiny_corpus / record["image"]), "train")]
+    texts = [r["text"] for r in read_captions(workspace, CORPUS).to_pylist() if r["image_id"] == image_id]
+    assert texts == ["a dog on a beach", "a wet dog", "a dog running by the sea"]
+    assert summary.normalised_by_reason == {"duplicate_caption_dropped": 1, "duplicate_image_entry": 1}
+    assert (summary.images, summary.captions) == (TINY_IMAGES + 1, TINY_CAPTIONS + 3)
+    assert rejects(workspace) == []
 
 
 @pytest.mark.parametrize(
@@ -356,7 +379,7 @@ def test_caption_not_valid_utf8_is_rejected_alone(tiny_corpus: Path, workspace: 
     rows = rejects(workspace)
     assert [(r["kind"], r["reason"]) for r in rows] == [("caption", "caption_not_utf8")]
     assert summary.captions == TINY_CAPTIONS + 1  # the good caption of the same line is kept
-    assert summary.normalised_by_reason.get("duplicate_image_merged") == 1  # pic000 listed twice
+    assert summary.normalised_by_reason.get("duplicate_image_entry") == 1  # pic000 listed twice
 
 
 def test_reingest_reports_added_and_removed_images(tiny_corpus: Path, workspace: Workspace) -> None:

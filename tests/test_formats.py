@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import draw_picture, write_tiny_corpus
 
@@ -162,6 +164,49 @@ def test_coco_captions_json(reference, tmp_path):
             json.dumps({"images": images, "annotations": annotations}))
     ingest_corpus(root, workspace, "coco")
     assert tables(workspace, "coco") == tables(workspace, "ref")
+
+
+def test_coco_duplicate_annotation_and_image_ids_keep_the_first_and_reject_the_rest(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2017").mkdir(parents=True)
+    for number in (1, 2):
+        (root / "train2017" / f"{number}.jpg").write_bytes(picture_bytes(number))
+    images = [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}, {"id": 2, "file_name": "1.jpg"}]
+    annotations = [{"id": 10, "image_id": 1, "caption": "A red square."},
+                   {"id": 11, "image_id": 2, "caption": "A green square."},
+                   {"id": 10, "image_id": 2, "caption": "A second caption under id 10."}]
+    (root / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    workspace = Workspace(tmp_path / "ws")
+
+    summary = ingest_corpus(root, workspace, "coco")
+
+    ids = {n: hashlib.sha256(picture_bytes(n)).hexdigest()[:32] for n in (1, 2)}
+    assert [(r["image_id"], r["split"]) for r in read_images(workspace, "coco").to_pylist()] == [
+        (ids[1], "train"), (ids[2], "train")]
+    assert [(r["image_id"], r["text"]) for r in read_captions(workspace, "coco").to_pylist()] == [
+        (ids[1], "A red square."), (ids[2], "A green square.")]
+    assert pq.read_table(workspace.rejects_table("coco")).to_pylist() == [
+        {"kind": "record", "source": "captions_train2017.json:annotation 10", "reason": "duplicate_caption_id",
+         "message": "annotation id 10 appears again; the first is kept: 'A second caption under id 10.'"},
+        {"kind": "record", "source": "captions_train2017.json:image 2", "reason": "duplicate_image_id",
+         "message": "image id 2 appears again (1.jpg); the first entry is kept"},
+    ]
+    assert summary.rejects_by_reason == {"duplicate_caption_id": 1, "duplicate_image_id": 1}
+
+
+def test_flickr_duplicate_caption_number_keeps_the_first(tmp_path):
+    root = tmp_path / "flickr"
+    (root / "Flicker8k_Dataset").mkdir(parents=True)
+    (root / "Flicker8k_Dataset" / "1.jpg").write_bytes(picture_bytes(1))
+    (root / "Flickr8k.token.txt").write_text("1.jpg#0\tA red square .\n1.jpg#1\tA square .\n1.jpg#0\tRed again .\n")
+    workspace = Workspace(tmp_path / "ws")
+
+    ingest_corpus(root, workspace, "flickr")
+
+    assert [r["text"] for r in read_captions(workspace, "flickr").to_pylist()] == ["A red square .", "A square ."]
+    assert pq.read_table(workspace.rejects_table("flickr")).to_pylist() == [
+        {"kind": "record", "source": "Flickr8k.token.txt:3", "reason": "duplicate_caption_id",
+         "message": "caption id 1.jpg#0 appears again; the first is kept: 'Red again .'"}]
 
 
 def test_ambiguous_layout_needs_an_explicit_format(reference, tmp_path):

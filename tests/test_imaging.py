@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from crossalign.corpus import ingest_corpus, read_images
-from crossalign.imaging import ResizeCenterCrop, normalise_to_rgb
+from crossalign.encoders.preprocess import ResizeCenterCrop
+from crossalign.imaging import normalise_to_rgb
 from crossalign.workspace import Workspace
 
 

@@ -99,67 +99,109 @@ def _table_file(root: Path, options: ReaderOptions, suffix: str) -> Path:
 
 def _read_table(root: Path, options: ReaderOptions, fmt: str) -> Iterator[Record]:
     import pandas as pd
+    import pyarrow.parquet as pq
 
     path = _table_file(root, options, fmt)
-    frame = (pd.read_parquet(path) if fmt == "parquet" else
-             pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                         encoding_errors="surrogateescape"))
-    caption_column = options.caption_column
-    if caption_column not in frame.columns and f"{caption_column}s" in frame.columns:
-        caption_column = f"{caption_column}s"
-    missing = [c for c in (options.image_column, caption_column) if c not in frame.columns]
-    if missing and not (fmt == "parquet" and _embedded_column(frame) is not None):
-        raise CorpusConfigError(f"{path}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
-                                "set image_column / caption_column")
-    if fmt == "parquet" and _embedded_column(frame) is not None:
-        yield from _embedded_rows(frame, path, caption_column, options)
-        return
+    if fmt == "parquet":
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        embedded = _embedded_column(parquet.schema_arrow)
+        caption_column = _caption_column(names, options)
+        if embedded is not None:  # image bytes inside: streamed in small batches, never loaded whole
+            yield from _embedded_rows(parquet, embedded, path, caption_column, options)
+            return
+        _check_columns(path, names, [options.image_column, caption_column])
+        wanted = [c for c in (options.image_column, caption_column, options.split_column) if c in names]
+        frame = parquet.read(columns=wanted).to_pandas()
+    else:
+        frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
+                            encoding_errors="surrogateescape")
+        caption_column = _caption_column(list(frame.columns), options)
+        _check_columns(path, list(frame.columns), [options.image_column, caption_column])
     grouped: dict[str, CorpusRecord] = {}
     for line, row in enumerate(frame.to_dict("records"), start=2):
         image, caption = row[options.image_column], row[caption_column]
         if not isinstance(image, str) or not image:
             yield BadRecord(line, f"row has no {options.image_column!r} path")
             continue
-        texts = list(caption) if hasattr(caption, "__len__") and not isinstance(caption, str) else [caption]
         split = str(row.get(options.split_column) or options.default_split)
         record = grouped.setdefault(image, CorpusRecord(line=line, image=image, captions=[], split=split))
-        record.captions.extend(texts)
+        record.captions.extend(_texts(caption))
     yield from grouped.values()
 
 
-def _embedded_column(frame) -> str | None:
+def _caption_column(names: list[str], options: ReaderOptions) -> str:
+    """The caption column: as configured, or its plural (a list of captions per image)."""
+    if options.caption_column not in names and f"{options.caption_column}s" in names:
+        return f"{options.caption_column}s"
+    return options.caption_column
+
+
+def _check_columns(path: Path, names: list[str], needed: list[str]) -> None:
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise CorpusConfigError(f"{path}: no column {missing[0]!r} (columns: {', '.join(map(str, names))}); "
+                                "set image_column / caption_column")
+
+
+def _texts(caption: object) -> list[object]:
+    """One caption or a list of them (a Parquet list column arrives as an array)."""
+    return list(caption) if hasattr(caption, "__len__") and not isinstance(caption, str) else [caption]
+
+
+def _embedded_column(schema) -> str | None:
     """The column holding image bytes: img2dataset's `jpg`/`png`/`webp`, or an `image` struct with bytes."""
+    import pyarrow as pa
+
     for name in ("jpg", "png", "webp", "image"):
-        if name in frame.columns and len(frame):
-            value = frame[name].iloc[0]
-            if isinstance(value, bytes) or (isinstance(value, dict) and "bytes" in value):
-                return name
+        if name not in schema.names:
+            continue
+        kind = schema.field(name).type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            return name
+        if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+            return name
     return None
 
 
-def _embedded_rows(frame, path: Path, caption_column: str, options: ReaderOptions) -> Iterator[Record]:
-    column = _embedded_column(frame)
-    for line, row in enumerate(frame.to_dict("records"), start=1):
-        value = row[column]
-        data = value.get("bytes") if isinstance(value, dict) else value
-        name = (value.get("path") if isinstance(value, dict) else None) or str(row.get("key", line))
-        caption = row.get(caption_column, row.get("text", row.get("caption")))
-        texts = list(caption) if hasattr(caption, "__len__") and not isinstance(caption, str) else [caption]
-        if not isinstance(data, bytes):
-            yield BadRecord(line, f"row has no image bytes in column {column!r}")
-            continue
-        split = str(row.get(options.split_column) or options.default_split)
-        yield CorpusRecord(line=line, image=f"{path.name}#{name}", captions=texts, split=split, data=data)
+def _embedded_rows(parquet, column: str, path: Path, caption_column: str, options: ReaderOptions,
+                   batch_rows: int = 256) -> Iterator[Record]:
+    names = parquet.schema_arrow.names
+    text_column = next((c for c in (caption_column, "text", "caption") if c in names), None)
+    wanted = [c for c in (column, text_column, options.split_column, "key") if c is not None and c in names]
+    line = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+        for row in batch.to_pylist():
+            line += 1
+            value = row[column]
+            data = value.get("bytes") if isinstance(value, dict) else value
+            name = (value.get("path") if isinstance(value, dict) else None) or str(row.get("key") or line)
+            if not isinstance(data, bytes):
+                yield BadRecord(line, f"row has no image bytes in column {column!r}", reason="missing_file",
+                                source=f"{path.name}#{name}")
+                continue
+            split = str(row.get(options.split_column) or options.default_split)
+            texts = _texts(row.get(text_column)) if text_column else []
+            yield CorpusRecord(line=line, image=f"{path.name}#{name}", captions=texts, split=split, data=data)
 
 
 def _read_flickr(root: Path, options: ReaderOptions) -> Iterator[Record]:
     captions: dict[str, list[str]] = {}
     token_files = sorted(root.glob("*.token.txt"))
     if token_files:
-        for line in token_files[0].read_text(encoding="utf-8", errors="replace").splitlines():
-            name, _, text = line.partition("\t")
-            if text:
-                captions.setdefault(name.split("#")[0].strip(), []).append(text)
+        caption_ids: set[str] = set()
+        lines = token_files[0].read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            caption_id, _, text = line.partition("\t")
+            if not text:
+                continue
+            caption_id = caption_id.strip()
+            if caption_id in caption_ids:  # `name.jpg#N` names one caption: the first one is kept
+                yield BadRecord(number, f"caption id {caption_id} appears again; the first is kept: {text!r}"[:300],
+                                reason="duplicate_caption_id", source=f"{token_files[0].name}:{number}")
+                continue
+            caption_ids.add(caption_id)
+            captions.setdefault(caption_id.split("#")[0], []).append(text)
     elif (root / "results.csv").is_file():
         for line in (root / "results.csv").read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
             parts = [p.strip() for p in line.split("|", 2)]  # the caption itself may hold a "|"
@@ -195,11 +237,26 @@ def _read_coco(root: Path, options: ReaderOptions) -> Iterator[Record]:
         split = re.sub(r"\d+$", "", part) or options.default_split
         data = json.loads(path.read_text(encoding="utf-8"))
         texts: dict[int, list[str]] = {}
-        for annotation in data.get("annotations", []):
-            texts.setdefault(annotation["image_id"], []).append(annotation.get("caption"))
+        annotation_ids: set[object] = set()
+        for number, annotation in enumerate(data.get("annotations", []), start=1):
+            annotation_id = annotation.get("id", f"#{number}")
+            if annotation_id in annotation_ids:  # an id names one caption: the first one is kept
+                yield BadRecord(number, f"annotation id {annotation_id} appears again; the first is kept: "
+                                f"{annotation.get('caption')!r}"[:300], reason="duplicate_caption_id",
+                                source=f"{path.name}:annotation {annotation_id}")
+                continue
+            annotation_ids.add(annotation_id)
+            texts.setdefault(annotation.get("image_id"), []).append(annotation.get("caption"))
         folder = next((f for f in (Path(part), Path("images") / part, Path(".")) if (root / f).is_dir()), Path("."))
+        image_ids: set[object] = set()
         for image in data.get("images", []):
             line += 1
+            if image.get("id") in image_ids:
+                yield BadRecord(line, f"image id {image.get('id')} appears again ({image.get('file_name')}); "
+                                "the first entry is kept", reason="duplicate_image_id",
+                                source=f"{path.name}:image {image.get('id')}")
+                continue
+            image_ids.add(image.get("id"))
             yield CorpusRecord(line=line, image=str(folder / image["file_name"]), captions=texts.get(image["id"], []),
                                split=split)
 

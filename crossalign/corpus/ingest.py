@@ -6,10 +6,10 @@ import hashlib
 import io
 import logging
 import os
+import sqlite3
 import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,14 +51,108 @@ class IngestSummary:
         return asdict(self)
 
 
+class _TableWriter:
+    """Rows streamed to a Parquet file in batches under a temporary name; `commit` renames it into place.
+
+    Unchanged content leaves the existing file alone (its bytes are compared), so re-ingesting the
+    same corpus rewrites nothing.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int = 16384) -> None:
+        self.path, self.schema, self.batch_rows = path, schema, batch_rows
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.rows: list[dict] = []
+        self.count = 0
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def commit(self) -> None:
+        self._flush()
+        self.writer.close()
+        if self.path.exists() and _file_digest(self.path) == _file_digest(self.tmp):
+            self.tmp.unlink()
+        else:
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _file_digest(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").digest()
+
+
 class _Rejects:
-    def __init__(self) -> None:
-        self.rows: list[dict[str, str]] = []
+    def __init__(self, writer: _TableWriter) -> None:
+        self.writer = writer
+        self.by_reason: Counter[str] = Counter()
         self.normalised: Counter[str] = Counter()  # what was repaired or merged, by reason
 
     def add(self, kind: str, source: str, reason: str, message: str) -> None:
         logger.debug("reject %s %s: %s (%s)", kind, source, reason, message)
-        self.rows.append({"kind": kind, "source": source, "reason": reason, "message": message})
+        self.by_reason[reason] += 1
+        self.writer.add({"kind": kind, "source": source, "reason": reason, "message": message})
+
+
+class _Seen:
+    """What ingest remembers per item, kept on disk (SQLite) so memory stays flat however large the corpus.
+
+    Images: id -> (split, the entry that brought it), for dedup; captions: ids, for dedup; and the ids
+    of the previous ingest, to report what was added and what is gone.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16384;"
+            "CREATE TABLE images (id BLOB PRIMARY KEY, split TEXT NOT NULL, source TEXT NOT NULL) WITHOUT ROWID;"
+            "CREATE TABLE captions (id BLOB PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE previous (id BLOB PRIMARY KEY) WITHOUT ROWID;"
+            "BEGIN;"
+        )
+        self.splits: Counter[str] = Counter()
+        self.normalised_images = 0
+
+    def image(self, image_id: bytes) -> tuple[str, str] | None:
+        """(split, source) of an image already ingested, or None."""
+        return self.db.execute("SELECT split, source FROM images WHERE id = ?", (image_id,)).fetchone()
+
+    def add_image(self, image_id: bytes, split: str, source: str) -> None:
+        self.db.execute("INSERT INTO images VALUES (?, ?, ?)", (image_id, split, source))
+        self.splits[split] += 1
+
+    def add_caption(self, caption_id: bytes) -> bool:
+        """True when the caption is new."""
+        return self.db.execute("INSERT OR IGNORE INTO captions VALUES (?)", (caption_id,)).rowcount == 1
+
+    def compare_with(self, images_table: Path) -> tuple[int, int, list[str]]:
+        """(added, removed, the first 20 removed ids) against the images table of the previous ingest."""
+        if images_table.exists():
+            for batch in pq.ParquetFile(images_table).iter_batches(columns=["image_id"], batch_size=65536):
+                ids = ((bytes.fromhex(image_id),) for image_id in batch.column(0).to_pylist())
+                self.db.executemany("INSERT OR IGNORE INTO previous VALUES (?)", ids)
+        added = self.db.execute("SELECT COUNT(*) FROM images WHERE id NOT IN (SELECT id FROM previous)").fetchone()[0]
+        gone = "FROM previous WHERE id NOT IN (SELECT id FROM images)"
+        removed = self.db.execute(f"SELECT COUNT(*) {gone}").fetchone()[0]
+        first = [row[0].hex() for row in self.db.execute(f"SELECT id {gone} ORDER BY id LIMIT 20")]
+        return added, removed, first
+
+    def close(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
 
 
 def content_id(*parts: str | bytes) -> str:
@@ -140,6 +234,10 @@ def ingest_corpus(
     files collapse into one image with the captions of both. Anything unusable is written to the
     rejects table with a reason code; it never stops the ingest.
 
+    Ingest streams: records are read one at a time and rows go to the tables in batches, in input
+    order; what it must remember per item (ids for dedup and for the added/removed report) it keeps
+    in a SQLite file beside the tables, deleted at the end, so memory does not grow with the corpus.
+
     Returns:
         An `IngestSummary` with counts and the table paths.
 
@@ -148,27 +246,45 @@ def ingest_corpus(
     """
     root = Path(root).expanduser().resolve()
     corpus = corpus or root.name
-    rejects = _Rejects()
-    images: dict[str, dict] = {}
-    captions: dict[str, dict] = {}
-    normalised = 0
     options = ReaderOptions(captions_file, default_split, image_column, caption_column, split_column)
+    records = read_records(root, fmt, options)  # config errors raise here, before any work
+    workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)
+    writers = {
+        "images": _TableWriter(workspace.images_table(corpus), IMAGES_SCHEMA),
+        "captions": _TableWriter(workspace.captions_table(corpus), CAPTIONS_SCHEMA),
+        "rejects": _TableWriter(workspace.rejects_table(corpus), REJECTS_SCHEMA),
+    }
+    rejects = _Rejects(writers["rejects"])
+    seen = _Seen(workspace.corpus_dir(corpus) / f".ingest-index-{os.getpid()}.sqlite")
     blobs = workspace.corpus_dir(corpus) / "blobs"
-    for record in read_records(root, fmt, options):
-        if isinstance(record, BadRecord):
-            rejects.add("record", record.source or f"{captions_file}:{record.line}", record.reason, record.message)
-            continue
-        image = _ingest_image(root, record, images, rejects, max_pixels, blobs)
-        if image is None:
-            continue
-        for text in record.captions:
-            normalised += _ingest_caption(image, text, captions, rejects, max_caption_chars)
-    return _write_tables(workspace, corpus, images, captions, rejects, normalised)
+    normalised = 0
+    try:
+        for record in records:
+            if isinstance(record, BadRecord):
+                rejects.add("record", record.source or f"{captions_file}:{record.line}", record.reason,
+                            record.message)
+                continue
+            image = _ingest_image(root, record, seen, writers["images"], rejects, max_pixels, blobs)
+            if image is None:
+                continue
+            for text in record.captions:
+                normalised += _ingest_caption(
+                    image, record.image, text, seen, writers["captions"], rejects, max_caption_chars
+                )
+        return _finish(workspace, corpus, writers, seen, rejects, normalised)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        seen.close()
 
 
 def _ingest_image(
-    root: Path, record: CorpusRecord, images: dict[str, dict], rejects: _Rejects, max_pixels: int, blobs: Path
-) -> dict | None:
+    root: Path, record: CorpusRecord, seen: _Seen, images: _TableWriter, rejects: _Rejects, max_pixels: int,
+    blobs: Path,
+) -> tuple[str, str] | None:
+    """Probe, hash and (once per content) write the image of `record`; returns (image_id, split) or None."""
     if record.data is None:
         path = _resolve_inside(root, record.image)
         if path is None:
@@ -184,82 +300,82 @@ def _ingest_image(
         reason, message = err.args
         rejects.add("image", record.image, reason, message)
         return None
-    sha = hashlib.sha256(data).hexdigest()
-    image_id = sha[:ID_HEX_DIGITS]
-    if record.data is not None and image_id not in images:
+    digest = hashlib.sha256(data).digest()
+    image_id, key = digest.hex()[:ID_HEX_DIGITS], digest[: ID_HEX_DIGITS // 2]
+    existing = seen.image(key)
+    if existing is not None:
+        split, source = existing
+        if split != record.split:
+            rejects.add("image", record.image, "duplicate_in_other_split",
+                        f"same bytes as {source} (split {split}): kept there only")
+            return None
+        same_entry = source == record.image
+        logger.info("%s %s: captions merged", record.image, "is listed again" if same_entry else f"has the same "
+                    f"bytes as {source}")
+        rejects.normalised["duplicate_image_entry" if same_entry else "duplicate_image_merged"] += 1
+        return image_id, split
+    if record.data is not None:
         path = blobs / f"{image_id}.{image_format.lower()}"
         if not path.exists():
             blobs.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             tmp.write_bytes(record.data)
             os.replace(tmp, path)
-    existing = images.get(image_id)
-    if existing is not None:
-        if existing["split"] != record.split:
-            rejects.add(
-                "image", record.image, "duplicate_in_other_split",
-                f"same bytes as {existing['uri']} (split {existing['split']}): kept there only",
-            )
-            return None
-        logger.info("%s has the same bytes as %s: captions merged", record.image, existing["uri"])
-        rejects.normalised["duplicate_image_merged"] += 1
-        return existing
+    seen.add_image(key, record.split, record.image)
+    seen.normalised_images += bool(steps)
     rejects.normalised.update(steps)
-    images[image_id] = {
-        "image_id": image_id, "uri": str(path), "sha256": sha,
+    images.add({
+        "image_id": image_id, "uri": str(path), "sha256": digest.hex(),
         "width": width, "height": height, "split": record.split,
         "status": "normalised:" + ",".join(steps) if steps else "ok",
-    }
-    return images[image_id]
+    })
+    return image_id, record.split
 
 
-def _ingest_caption(image: dict, text: object, captions: dict[str, dict], rejects: _Rejects, max_chars: int) -> int:
+def _ingest_caption(
+    image: tuple[str, str], source: str, text: object, seen: _Seen, captions: _TableWriter, rejects: _Rejects,
+    max_chars: int,
+) -> int:
     """Add one caption of `image`; returns 1 when it had to be normalised (truncated), else 0."""
+    image_id, split = image
     clean, reason = _clean_caption(text, max_chars)
     if clean is None:
         messages = {"caption_not_utf8": "caption is not valid UTF-8", "empty_caption": "caption is empty",
                     "caption_not_text": "caption is not text"}
-        rejects.add("caption", f"{image['uri']}: {text!r}"[:300], reason, messages[reason])
+        rejects.add("caption", f"{source}: {text!r}"[:300], reason, messages[reason])
         return 0
-    caption_id = content_id(image["image_id"], clean)
-    if caption_id in captions:  # the same caption twice for one image is kept once
+    caption_id = content_id(image_id, clean)
+    if not seen.add_caption(bytes.fromhex(caption_id)):  # the same caption twice for one image is kept once
         rejects.normalised["duplicate_caption_dropped"] += 1
     else:
-        captions[caption_id] = {
-            "caption_id": caption_id, "image_id": image["image_id"], "text": clean, "split": image["split"],
-        }
+        captions.add({"caption_id": caption_id, "image_id": image_id, "text": clean, "split": split})
     truncated = len(" ".join(str(text).split())) > max_chars
     rejects.normalised["caption_truncated"] += truncated
     return int(truncated)
 
 
-def _write_tables(
-    workspace: Workspace, corpus: str, images: dict[str, dict], captions: dict[str, dict],
-    rejects: _Rejects, normalised: int,
+def _finish(
+    workspace: Workspace, corpus: str, writers: dict[str, _TableWriter], seen: _Seen, rejects: _Rejects,
+    normalised: int,
 ) -> IngestSummary:
-    workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)
-    image_rows = sorted(images.values(), key=lambda row: row["image_id"])
-    caption_rows = sorted(captions.values(), key=lambda row: (row["image_id"], row["caption_id"]))
-    before = _previous_ids(workspace.images_table(corpus))
-    removed = sorted(before - images.keys())
+    added, removed, removed_ids = seen.compare_with(workspace.images_table(corpus))
     if removed:
         logger.warning("%d images of the previous ingest of %s are gone from the corpus (first: %s)",
-                       len(removed), corpus, removed[0])
-    _write_parquet(workspace.images_table(corpus), image_rows, IMAGES_SCHEMA)
-    _write_parquet(workspace.captions_table(corpus), caption_rows, CAPTIONS_SCHEMA)
-    _write_parquet(workspace.rejects_table(corpus), rejects.rows, REJECTS_SCHEMA)
+                       removed, corpus, removed_ids[0])
+    for writer in writers.values():
+        writer.commit()
     summary = IngestSummary(
         corpus=corpus,
-        images=len(image_rows),
-        added=len(images.keys() - before),
-        removed=len(removed),
-        removed_ids=removed[:20],
-        captions=len(caption_rows),
-        rejected=len(rejects.rows),
-        normalised=normalised + sum(row["status"] != "ok" for row in image_rows),
-        rejects_by_reason=dict(Counter(row["reason"] for row in rejects.rows)),
+        images=writers["images"].count,
+        added=added,
+        removed=removed,
+        removed_ids=removed_ids,
+        captions=writers["captions"].count,
+        rejected=writers["rejects"].count,
+        normalised=normalised + seen.normalised_images,
+        rejects_by_reason=dict(rejects.by_reason),
         normalised_by_reason={reason: n for reason, n in sorted(rejects.normalised.items()) if n},
-        splits=dict(Counter(row["split"] for row in image_rows)),
+        splits=dict(seen.splits),
         images_table=str(workspace.images_table(corpus)),
         captions_table=str(workspace.captions_table(corpus)),
         rejects_table=str(workspace.rejects_table(corpus)),
@@ -269,22 +385,6 @@ def _write_tables(
         corpus, summary.images, summary.captions, summary.rejected, summary.rejects_by_reason,
     )
     return summary
-
-
-def _previous_ids(images_table: Path) -> set[str]:
-    if not images_table.exists():
-        return set()
-    return set(pq.read_table(images_table, columns=["image_id"]).column("image_id").to_pylist())
-
-
-def _write_parquet(path: Path, rows: Iterable[dict], schema: pa.Schema) -> None:
-    """Write rows atomically; unchanged content leaves the existing file alone (idempotent re-ingest)."""
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    if path.exists() and pq.read_table(path).equals(table):
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def read_images(workspace: Workspace, corpus: str, split: str | None = None) -> pa.Table:

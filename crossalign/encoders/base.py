@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from crossalign.imaging import ResizeCenterCrop
+from crossalign.encoders.preprocess import ResizeCenterCrop
 
 logger = logging.getLogger(__name__)
 
