@@ -1,7 +1,8 @@
 """Extraction speed, side by side in one run: model-only limit, crossalign end to end, a naive loop.
 
     python benchmarks/extract.py [--corpus ../shared/data/flickr8k] [--split dev]
-    python benchmarks/extract.py --image-encoder torchvision:resnet50@random --device cuda --precision bf16
+    python benchmarks/extract.py --image-encoder torchvision:resnet50@random --device cuda --precision bf16 \
+        --variants 20000 --skip-text --decode threads,nvjpeg
 
 Images: the model-only limit is the encoder's forward on ready uint8 tensors (best batch size,
 channels-last, the run's precision); end to end is `extract_image_features` (decode in spawned
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +26,8 @@ from PIL import Image
 
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
-from crossalign.extract import extract_image_features, extract_text_features
-from crossalign.extract.extract import default_num_workers
+from crossalign.extract import extract_image_features, extract_text_features, read_features
+from crossalign.extract.extract import DECODE_MODES, ImageFiles, default_num_workers, nvjpeg_batches, threaded_batches
 from crossalign.workspace import Workspace
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -55,6 +57,24 @@ def image_model_only(encoder, uris: list[str], batch_sizes: tuple[int, ...], rep
         synchronize(encoder.runtime.device)
         best = max(best, (repeats * batch_size / (time.perf_counter() - start), batch_size))
     return best
+
+
+def image_decode_only(encoder, uris: list[str], statuses: list[str], decode: str, batch_size: int,
+                      workers: int) -> float:
+    """Images/s of the decode path alone (no model): the ceiling of end to end with that path."""
+    if decode == "nvjpeg":
+        batches = nvjpeg_batches(uris, [s == "ok" for s in statuses], encoder.preprocess, encoder.size, batch_size,
+                                 min(4, workers), encoder.runtime.device)
+    elif decode == "threads":
+        batches = threaded_batches(ImageFiles(uris, encoder.preprocess, encoder.size), batch_size, workers,
+                                   pin=encoder.runtime.device.type == "cuda")
+    else:
+        return float("nan")
+    start = time.perf_counter()
+    for _ in batches:
+        pass
+    synchronize(encoder.runtime.device)
+    return len(uris) / (time.perf_counter() - start)
 
 
 def image_naive(name: str, device: str, uris: list[str], batch_size: int = 64) -> float:
@@ -129,6 +149,43 @@ def write_variants(corpus: Path, count: int, out: Path) -> Path:
     return out
 
 
+RSS_CHILD = """
+import json, resource, sys
+from crossalign.extract import extract_image_features
+from crossalign.workspace import Workspace
+summary = extract_image_features(Workspace(sys.argv[1]), sys.argv[2], sys.argv[3], device=sys.argv[4],
+                                 precision=sys.argv[5], split=sys.argv[6])
+peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps({"images": summary.encoded, "peak_rss_mb": peak_rss_mb}))
+"""
+
+
+def extraction_rss(corpus: Path, split: str, sizes: list[int], args: argparse.Namespace) -> list[tuple[int, int]]:
+    """Peak RSS of image extraction in a fresh process, on the first N images of `split` for each N."""
+    import json
+    import subprocess
+    import sys
+
+    records = [line for line in (corpus / "captions.jsonl").read_text().splitlines()
+               if json.loads(line).get("split", "train") == split]
+    results = []
+    for size in sizes:
+        root = Path(tempfile.mkdtemp(prefix="crossalign-rss-"))
+        (root / "captions.jsonl").write_text("".join(line + "\n" for line in records[:size]))
+        for record in records[:size]:  # the images, copied, so the subset is a corpus of its own
+            image = json.loads(record)["image"]
+            (root / image).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(corpus / image, root / image)
+        workspace = root / "ws"
+        ingest_corpus(root, Workspace(workspace), "rss")
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(workspace), "rss", args.image_encoder,
+                              args.device, args.precision, split], capture_output=True, text=True, check=True)
+        stats = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append((stats["images"], stats["peak_rss_mb"]))
+        print(f"extraction of {stats['images']} images in a fresh process: peak RSS {stats['peak_rss_mb']} MB")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -141,9 +198,14 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None, help="default: CPU cores - 1, at most 8")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
     parser.add_argument("--naive-images", type=int, default=320, help="images for the (slow) naive loop")
-    parser.add_argument("--decode", choices=["processes", "threads"], default="threads")
+    parser.add_argument("--decode", default="threads",
+                        help=f"decode mode(s) end to end, comma-separated, from {', '.join(DECODE_MODES)}; "
+                        "each is run and the fastest gives the ratios")
     parser.add_argument("--variants", type=int, default=0,
                         help="first build a corpus of this many distinct re-encoded copies (GPU-scale runs)")
+    parser.add_argument("--rss-sizes", default="",
+                        help="comma-separated corpus sizes: extract the first N images of the split in a fresh "
+                        "process each and print its peak RSS (does memory grow with the corpus?)")
     args = parser.parse_args()
     if args.variants:
         start = time.perf_counter()
@@ -161,15 +223,35 @@ def main() -> None:
 
     limit, best_batch = image_model_only(encoder, uris, (64, 128, 256) if on_gpu else (32, 64), 30 if on_gpu else 8)
     naive = image_naive(args.image_encoder, args.device, uris[:args.naive_images])
-    summary = extract_image_features(workspace, "bench", args.image_encoder, device=args.device,
+    rows = [("image", "model-only limit", limit, f"batch {best_batch}, channels-last, {encoder.runtime.precision}")]
+    summary, first_features = None, None
+    for decode in args.decode.split(","):
+        features_dir = workspace.features_dir("bench", encoder.name)
+        if first_features is None and features_dir.exists():
+            first_features = read_features(features_dir)
+        shutil.rmtree(features_dir, ignore_errors=True)
+        run = extract_image_features(workspace, "bench", args.image_encoder, device=args.device,
                                      precision=args.precision, batch_size=args.batch_size or best_batch,
-                                     num_workers=args.num_workers, split=args.split, decode=args.decode)
-    print(f"end to end: {summary.seconds:.1f}s = waiting for decoded batches {summary.wait_s:.1f}s + encoder "
-          f"{summary.encode_s:.1f}s + shard writes {summary.write_s:.1f}s (+ the rest)")
-    rows = [("image", "model-only limit", limit, f"batch {best_batch}, channels-last, {encoder.runtime.precision}"),
-            ("image", "crossalign end to end", summary.items_per_s,
-             f"{args.num_workers or default_num_workers()} decode {args.decode}, draft-mode JPEG"),
-            ("image", "naive loop", naive, "PIL in main process, NCHW, fp32, batch 64")]
+                                     num_workers=args.num_workers, split=args.split, decode=decode)
+        print(f"end to end, decode {decode}: {run.seconds:.1f}s = waiting for decoded batches {run.wait_s:.1f}s + "
+              f"encoder {run.encode_s:.1f}s + shard writes {run.write_s:.1f}s (+ the rest)")
+        workers = args.num_workers or default_num_workers()
+        notes = {"nvjpeg": f"{workers} reader threads, nvJPEG + resize on the GPU",
+                 "threads": f"{workers} decode threads, draft-mode JPEG",
+                 "processes": f"{workers} spawned decode processes, draft-mode JPEG"}[decode]
+        rows.append(("image", f"end to end ({decode})", run.items_per_s, notes))
+        statuses = read_images(workspace, "bench", args.split).column("status").to_pylist()
+        rows.append(("image", f"decode only ({decode})", image_decode_only(
+            encoder, uris, statuses, decode, args.batch_size or best_batch, workers), "no model: the path's ceiling"))
+        if first_features is not None:  # the same images through another decode path: features must agree
+            ids, reference = first_features
+            _, vectors = read_features(features_dir, ids)
+            cosine = (torch.nn.functional.normalize(torch.from_numpy(vectors), dim=1)
+                      * torch.nn.functional.normalize(torch.from_numpy(reference), dim=1)).sum(1)
+            print(f"decode {decode} vs the first mode, per image: min cosine {cosine.min():.5f}, "
+                  f"mean {cosine.mean():.5f}, below 0.999: {int((cosine < 0.999).sum())} of {len(ids)}")
+        summary = run if summary is None or run.items_per_s > summary.items_per_s else summary
+    rows.append(("image", "naive loop", naive, "PIL in main process, NCHW, fp32, batch 64"))
     text_ratio = float("nan")
     if not args.skip_text:
         texts = read_captions(workspace, "bench", args.split).column("text").to_pylist()
@@ -182,6 +264,9 @@ def main() -> None:
                  ("text", "crossalign end to end", text.items_per_s, "dedup, length-sorted, threaded tokeniser"),
                  ("text", "naive loop", text_naive_rate, "fp32, padded batches of 256 in file order")]
         text_ratio = text.items_per_s / text_naive_rate
+
+    if args.rss_sizes:
+        extraction_rss(args.corpus, args.split, [int(n) for n in args.rss_sizes.split(",")], args)
 
     print(f"\n{'modality':<9}{'path':<24}{'items/s':>10}  notes")
     for modality, path, rate, notes in rows:

@@ -1,13 +1,14 @@
 """GPU smoke check: extraction runs on CUDA and gives the CPU fp32 features.
 
 Run on a machine with a GPU: `python benchmarks/gpu_smoke.py [N_IMAGES]`. It writes a synthetic corpus,
-extracts image features on CUDA (bf16 autocast, pinned memory, spawned decode workers) and on the
-CPU in fp32, compares them per item, runs a Hugging Face text encoder (a randomly initialised BERT,
+extracts image features on CUDA (bf16 autocast, pinned memory, decode threads; then nvJPEG decode on
+the GPU) and on the CPU in fp32, compares them per item, runs a Hugging Face text encoder (a randomly initialised BERT,
 so no weights are needed) on both devices, and prints throughput. The last line is machine-readable.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -46,27 +47,54 @@ def tiny_bert_dir(root: Path) -> Path:
     return root
 
 
+def add_awkward_images(corpus: Path) -> int:
+    """Images nvJPEG must hand to the CPU path: PNG, CMYK, greyscale; and a progressive JPEG it decodes."""
+    from PIL import Image
+
+    picture = Image.open(sorted((corpus / "images").glob("*.jpg"))[0]).convert("RGB")
+    made = {
+        "awkward_png.png": lambda p: picture.save(p),
+        "awkward_cmyk.jpg": lambda p: picture.convert("CMYK").save(p, quality=90),
+        "awkward_grey.jpg": lambda p: picture.convert("L").save(p, quality=90),
+        "awkward_progressive.jpg": lambda p: picture.rotate(90, expand=True).save(p, quality=90, progressive=True),
+    }
+    with (corpus / "captions.jsonl").open("a") as lines:
+        for name, save in made.items():
+            save(corpus / "images" / name)
+            lines.write(json.dumps({"image": f"images/{name}", "captions": [name], "split": "train"}) + "\n")
+    return len(made)
+
+
 def main(n_images: int) -> None:
     assert torch.cuda.is_available(), "no CUDA device"
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     root = Path(tempfile.mkdtemp())
     corpus = write_tiny_corpus(root / "corpus", n_train=n_images - n_images // 5, n_dev=n_images // 5)
+    extra = add_awkward_images(corpus)
+    n_images += extra
 
     timings = {}
-    for name, device, precision in (("gpu", "cuda", "auto"), ("gpu-bf16", "cuda", "bf16"), ("cpu", "cpu", "fp32")):
+    runs = (("gpu", "cuda", "auto", "threads"), ("gpu-bf16", "cuda", "bf16", "threads"),
+            ("gpu-nvjpeg", "cuda", "fp32", "nvjpeg"), ("cpu", "cpu", "fp32", "threads"))
+    for name, device, precision, decode in runs:
         ingest_corpus(corpus, Workspace(root / name), "c")
         start = time.perf_counter()
         summary = extract_image_features(Workspace(root / name), "c", device=device, precision=precision,
-                                         batch_size=128, num_workers=4, shard_size=256)
+                                         batch_size=128, num_workers=4, shard_size=256, decode=decode)
         timings[name] = time.perf_counter() - start
-        print(f"{name}: {summary.encoded} images, {summary.items_per_s}/s, precision {summary.precision}")
+        print(f"{name}: {summary.encoded} images, {summary.items_per_s}/s, precision {summary.precision}, "
+              f"decode {decode}, failed {summary.failed}")
         assert summary.encoded == n_images and summary.failed == 0
     ids, gpu = read_features(Workspace(root / "gpu").features_dir("c", "efficientnet-lite0"))
     _, cpu = read_features(Workspace(root / "cpu").features_dir("c", "efficientnet-lite0"), ids)
     image_cos = cosine_rows(gpu, cpu)
     _, bf16 = read_features(Workspace(root / "gpu-bf16").features_dir("c", "efficientnet-lite0"), ids)
+    _, nvjpeg = read_features(Workspace(root / "gpu-nvjpeg").features_dir("c", "efficientnet-lite0"), ids)
+    nvjpeg_cos = cosine_rows(nvjpeg, cpu)
     print(f"image features cuda-bf16 vs cpu-fp32: min cosine {cosine_rows(bf16, cpu).min():.5f}")
     print(f"image features cuda-auto vs cpu-fp32: min cosine {image_cos.min():.5f}, mean {image_cos.mean():.5f}")
+    print(f"image features cuda-fp32 nvJPEG decode vs cpu-fp32 PIL decode: min cosine {nvjpeg_cos.min():.5f}, "
+          f"mean {nvjpeg_cos.mean():.5f}, below 0.999: {(nvjpeg_cos < 0.999).sum()} of {len(ids)}")
 
     # Model-only forward on ready tensors at the same batch size, for the end-to-end ratio.
     encoder = load_encoder("efficientnet-lite0", "cuda", "auto")

@@ -63,9 +63,10 @@ class ExtractConfig(_Section):
     )
     text_batch_size: int = Field(default=256, gt=0)
     shard_size: int = Field(default=4096, gt=0, description="Rows per Parquet feature shard.")
-    decode: Literal["threads", "processes"] = Field(
+    decode: Literal["threads", "processes", "nvjpeg"] = Field(
         default="threads",
-        description="Decode images in a thread pool (measured faster here) or in spawned DataLoader processes.",
+        description="Decode images in a thread pool (measured faster here), in spawned DataLoader processes, "
+        "or on the GPU with nvJPEG (CUDA only).",
     )
     num_workers: int | None = Field(
         default=None, ge=0, description="Decode threads or processes; default: CPU cores - 1 (at least 1, at most 8)."

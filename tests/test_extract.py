@@ -392,6 +392,55 @@ def test_unknown_decode_mode_fails_before_any_work(extracted_once: tuple[Path, W
     corpus, _ = extracted_once
     workspace = Workspace(tmp_path / "ws")
     ingest_corpus(corpus, workspace, CORPUS)
-    with pytest.raises(ValueError, match="'threads' or 'processes'"):
+    with pytest.raises(ValueError, match="use one of threads, processes, nvjpeg"):
         extract_images(workspace, decode="fibres")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        extract_images(workspace, decode="nvjpeg")
     assert not image_dir(workspace).exists()
+
+
+def test_gpu_decode_path_matches_the_pil_path_and_hands_awkward_images_to_it(tiny_corpus: Path) -> None:
+    """`nvjpeg_batches` on the CPU (torchvision's libjpeg in nvJPEG's place): same pixels as PIL's path,
+    within resampling rounding; PNG, CMYK, greyscale and broken files go through the PIL path in order."""
+    from crossalign.encoders.preprocess import ResizeCenterCrop
+    from crossalign.extract.extract import ImageFiles, nvjpeg_batches
+
+    images = tiny_corpus / "images"
+    picture = Image.open(sorted(images.glob("*.jpg"))[0])
+    picture.convert("CMYK").save(images / "cmyk.jpg")
+    picture.save(images / "png.png")
+    (images / "broken.jpg").write_bytes((images / "pic002.jpg").read_bytes()[:200])
+    uris = [str(p) for p in sorted(images.glob("pic*.jpg"))] + [str(images / n) for n in
+                                                                 ("cmyk.jpg", "png.png", "broken.jpg")]
+    plain = [True] * (len(uris) - 3) + [False, False, True]  # CMYK is "normalised" at ingest: not for the GPU
+    preprocess = ResizeCenterCrop(64)
+
+    batches = list(nvjpeg_batches(uris, plain, preprocess, 64, batch_size=5, threads=2, device=torch.device("cpu")))
+
+    positions = [p for batch_positions, _, _ in batches for p in batch_positions]
+    pixels = torch.cat([batch_pixels for _, batch_pixels, _ in batches])
+    errors = [e for _, _, batch_errors in batches for e in batch_errors]
+    assert positions == list(range(len(uris)))
+
+    def full_decode(img: Image.Image) -> torch.Tensor:  # the PIL path without draft mode: what nvJPEG decodes
+        img.format = None
+        return preprocess(img)
+
+    reference = ImageFiles(uris, full_decode, 64)
+    for index in range(len(uris)):
+        _, expected, error = reference[index]
+        assert bool(errors[index]) == bool(error), uris[index]
+        if not error:
+            difference = (pixels[index].int() - expected.int()).abs().float()
+            assert difference.mean() < 0.25 and difference.max() <= 8, (uris[index], difference.mean())
+    assert errors[-1] and not any(errors[:-1])
+
+
+def test_nvjpeg_features_never_share_a_directory_with_pil_decoded_ones(extracted: tuple[Path, Workspace]) -> None:
+    from crossalign.extract.extract import describe_with_decoder
+
+    _, workspace = extracted
+    encoder = load_encoder(IMAGE_ENCODER, **ENCODER_RUNTIME)
+    assert describe_with_decoder(encoder, "threads") == encoder.describe()  # PIL paths: the same features
+    with pytest.raises(FeatureMismatchError, match="differs in: preprocessing"):
+        FeatureManifest.open_for(image_dir(workspace), describe_with_decoder(encoder, "nvjpeg"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ class ShardWriter:
         self.directory = Path(directory)
         self.manifest = manifest
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()  # held while the manifest changes: shards may be written from a thread
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -64,8 +66,9 @@ class ShardWriter:
         tmp = self.directory / f".{name}.tmp-{os.getpid()}"
         pq.write_table(table, tmp)
         os.replace(tmp, final)
-        self.manifest.shards.append({"file": name, "rows": len(ids)})
-        self.manifest.save(self.directory)
+        with self.lock:
+            self.manifest.shards.append({"file": name, "rows": len(ids)})
+            self.manifest.save(self.directory)
         return final
 
 
