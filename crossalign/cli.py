@@ -82,6 +82,7 @@ def run(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
     eval_split: EvalSplit = "dev", fmt: Format = "auto",
     steps: Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")] = 1500,
+    loss: Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")] = "infonce",
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
     image_encoder: Annotated[str, typer.Option(help="efficientnet-lite0, torchvision:<model>[@weights]")] = (
@@ -93,7 +94,7 @@ def run(
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
-                     train={"steps": steps}, retrain=retrain, queries=query or [])
+                     train={"steps": steps, "loss": loss}, retrain=retrain, queries=query or [])
     if not config.corpus.root.is_dir():
         raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
     from crossalign.encoders import load_encoder

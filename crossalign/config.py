@@ -85,6 +85,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
     input_dropout: float = Field(default=0.5, ge=0, lt=1)
+    loss: Literal["infonce", "vsepp", "margin"] = Field(
+        default="infonce",
+        description="Symmetric InfoNCE with a learnable temperature, VSE++ (hardest in-batch negative), or the "
+        "pairwise margin loss of the original design (the reference).",
+    )
+    margin: float = Field(default=0.2, gt=0, description="Margin of the vsepp and margin losses.")
     init_temperature: float = Field(default=0.07, gt=0)
     eval_every: int = Field(default=100, gt=0)
     seed: int = 0

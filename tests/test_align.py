@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from crossalign.align import (
     save_mapper,
 )
 from crossalign.align.data import load_paired_features
-from crossalign.align.loss import ClipLoss
+from crossalign.align.loss import ClipLoss, MarginLoss, VSEppLoss, make_loss, negatives_mask
 from crossalign.align.mapper import check_encoder
 from crossalign.align.train import OneCaptionPerImageSampler, evaluate_mapper, train_mapper
 from crossalign.corpus import read_captions
@@ -143,6 +144,71 @@ def test_clip_loss_is_low_for_aligned_pairs_and_high_for_swapped() -> None:
     assert torch.isclose(loss(emb, emb.roll(1, 0), scale), loss(emb.roll(1, 0), emb, scale))
 
 
+# Two pairs, scores computed by hand: image rows [1,0], [0,1]; captions [1,0], [0.8,0.6].
+# s = [[1.0, 0.8], [0.0, 0.6]], positives on the diagonal (1.0 and 0.6).
+TWO_IMAGES = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+TWO_CAPTIONS = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+# Three pairs: images are the unit axes; captions [1,0,0], [.6,.8,0], [0,.6,.8].
+# s = [[1, .6, 0], [0, .8, .6], [0, 0, .8]].
+THREE_IMAGES = torch.eye(3)
+THREE_CAPTIONS = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])
+
+
+def test_infonce_of_a_hand_computed_case() -> None:
+    # rows: log(1 + e^-0.2), log(1 + e^-0.6); columns: log(1 + e^-1), log(1 + e^0.2)
+    rows = (math.log1p(math.exp(-0.2)) + math.log1p(math.exp(-0.6))) / 2
+    columns = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.2))) / 2
+    assert ClipLoss()(TWO_IMAGES, TWO_CAPTIONS, torch.tensor(1.0)).item() == pytest.approx((rows + columns) / 2)
+
+
+def test_vsepp_takes_the_hardest_negative_of_each_pair() -> None:
+    # margin 0.5. Image queries: relu(.5-1+.6)=.1, relu(.5-.8+.6)=.3, relu(.5-.8+0)=0;
+    # caption queries: relu(.5-1+0)=0, relu(.5-.8+.6)=.3, relu(.5-.8+.6)=.3; sum 1.0 over 3 pairs.
+    assert VSEppLoss(margin=0.5)(THREE_IMAGES, THREE_CAPTIONS).item() == pytest.approx(1.0 / 3)
+    # two pairs: (relu(.5-1+.8) + relu(.5-1+0) + relu(.5-.6+0) + relu(.5-.6+.8)) / 2 = (.3 + .7) / 2
+    assert VSEppLoss(margin=0.5)(TWO_IMAGES, TWO_CAPTIONS).item() == pytest.approx(0.5)
+
+
+def test_margin_loss_averages_over_every_negative_both_ways() -> None:
+    # 3 pairs: 6 negatives per direction; image->text hinges .1 and .3, text->image .3 and .3: 1.0 / 12
+    assert MarginLoss(margin=0.5)(THREE_IMAGES, THREE_CAPTIONS).item() == pytest.approx(1.0 / 12)
+    # 2 pairs: hinges .3, 0 (image->text) and 0, .7 (text->image): 1.0 / 4
+    assert MarginLoss(margin=0.5)(TWO_IMAGES, TWO_CAPTIONS).item() == pytest.approx(0.25)
+
+
+def test_captions_of_the_same_image_are_never_negatives_of_each_other() -> None:
+    # Rows 0 and 2 are two captions of one image: with the mask, the batch reduces to the two-pair case
+    # plus row 2, whose only true negative is row 1.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    captions = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, -0.8]])
+    image_index = torch.tensor([7, 3, 7])
+    mask = negatives_mask(3, image_index, images.device)
+    assert mask.tolist() == [[False, True, False], [True, False, True], [False, True, False]]
+
+    # margin 0.5, scores s = [[1, .8, .6], [0, .6, -.8], [1, .8, .6]], positives 1, .6, .6; the valid
+    # (image i, caption j) negatives are (0,1), (1,0), (1,2), (2,1).
+    # Image i as query, relu(.5 - s[i,i] + s[i,j]): .3, 0, 0, .7.
+    # Caption j as query, relu(.5 - s[j,j] + s[i,j]): .7, 0, 0, .7. Sum 2.4 over 8 hinges.
+    assert MarginLoss(margin=0.5)(images, captions, image_index=image_index).item() == pytest.approx(2.4 / 8)
+    unmasked = MarginLoss(margin=0.5)(images, captions).item()
+    assert unmasked != pytest.approx(2.4 / 8)  # without the mask, rows 0 and 2 count as negatives
+
+    # InfoNCE: the masked logits drop out of the softmax entirely.
+    scale = torch.tensor(1.0)
+    masked = ClipLoss()(images, captions, scale, image_index=image_index)
+    logits = (images @ captions.T).masked_fill(~mask & ~torch.eye(3, dtype=torch.bool), float("-inf"))
+    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(3))
+                      + torch.nn.functional.cross_entropy(logits.T, torch.arange(3)))
+    assert masked.item() == pytest.approx(expected.item())
+    row0 = -math.log(math.exp(1.0) / (math.exp(1.0) + math.exp(0.8)))  # row 0 sees only caption 1 as negative
+    assert -torch.log_softmax(logits[0], 0)[0].item() == pytest.approx(row0)
+
+
+def test_unknown_loss_names_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="use one of infonce, vsepp, margin"):
+        make_loss("triplet")
+
+
 def test_sampler_never_puts_two_captions_of_one_image_in_a_batch() -> None:
     counts = [1, 5, 3, 0, 2, 4, 1, 1, 0, 6]  # images 3 and 8 have no captions
     caption_image = torch.tensor([img for img, n in enumerate(counts) for _ in range(n)])[
@@ -221,13 +287,14 @@ def test_training_is_deterministic_for_a_seed(features: tuple[Path, Workspace, s
     assert not torch.equal(other_seed.model.image_proj.weight, first.model.image_proj.weight)
 
 
-def test_training_improves_retrieval_on_the_training_split(features: tuple[Path, Workspace, str]) -> None:
+@pytest.mark.parametrize("loss", ["infonce", "vsepp", "margin"])
+def test_training_improves_retrieval_on_the_training_split(features: tuple[Path, Workspace, str], loss: str) -> None:
     train = _paired(features, "train")
     untrained = JointMapper(train.images.shape[1], train.captions.shape[1], TRAIN_OPTIONS["dim"])
     untrained.fit_standardisation(train.images, train.captions)
     before = evaluate_mapper(untrained, train)
 
-    result = train_mapper(train, train, **TRAIN_OPTIONS)
+    result = train_mapper(train, train, **TRAIN_OPTIONS, loss=loss)
 
     assert result.best_step > 0
     assert result.metrics["rsum"] > before["rsum"] + 100

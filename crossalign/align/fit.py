@@ -46,7 +46,8 @@ def fit_mapper(
                 len(train.images), len(train.captions), corpus, train_split, len(dev.images), eval_split)
     result = train_mapper(train, dev, **train_options)
     config = {
-        "kind": "linear", "loss": "infonce", "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
+        "kind": "linear", "loss": train_options.get("loss", "infonce"),
+        "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
         "dim": result.model.image_proj.out_features, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
