@@ -85,6 +85,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
     input_dropout: float = Field(default=0.5, ge=0, lt=1)
+    method: Literal["train", "cca"] = Field(
+        default="train", description="Train the linear maps, or fit them in closed form with regularised CCA."
+    )
+    init: Literal["random", "cca"] = Field(default="random", description="Start training from the CCA solution.")
     loss: Literal["infonce", "vsepp", "margin"] = Field(
         default="infonce",
         description="Symmetric InfoNCE with a learnable temperature, VSE++ (hardest in-batch negative), or the "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_tiny_corpus
+from conftest import COLOURS, ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_tiny_corpus
 from safetensors.torch import load_file
 
 from crossalign.align import (
@@ -22,11 +22,14 @@ from crossalign.align import (
     retrieval_metrics,
     save_mapper,
 )
-from crossalign.align.data import load_paired_features
+from crossalign.align.cca import fit_cca
+from crossalign.align.data import PairedFeatures, load_paired_features
 from crossalign.align.loss import ClipLoss, MarginLoss, VSEppLoss, make_loss, negatives_mask
 from crossalign.align.mapper import check_encoder
 from crossalign.align.train import OneCaptionPerImageSampler, evaluate_mapper, train_mapper
-from crossalign.corpus import read_captions
+from crossalign.align.zeroshot import class_embeddings, zero_shot_accuracy
+from crossalign.corpus import read_captions, read_images
+from crossalign.encoders import load_encoder
 from crossalign.extract import FeatureManifest
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -422,3 +425,73 @@ def test_evaluating_features_of_other_encoders_raises(features_copy: tuple[Works
 
     with pytest.raises(MapperMismatchError, match="text features"):
         evaluate_current_mapper(workspace, corpus, "dev")
+
+
+# --- closed-form CCA and zero-shot classification ----------------------------------------------
+
+
+def _shared_latent_pairs(n: int, seed: int) -> PairedFeatures:
+    """Image and text features that are two noisy linear views of one 6-d latent, one caption per image."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.Generator().manual_seed(99)  # the same views for every sample drawn
+    to_image, to_text = torch.randn(6, 40, generator=mixing), torch.randn(6, 24, generator=mixing)
+    latent = torch.randn(n, 6, generator=generator)
+    images = latent @ to_image + 0.3 * torch.randn(n, 40, generator=generator) + 5.0
+    captions = latent @ to_text + 0.3 * torch.randn(n, 24, generator=generator) - 2.0
+    ids = [f"{seed}-{i}" for i in range(n)]
+    return PairedFeatures(ids, ids, images, captions, torch.arange(n), {"encoder": "i"}, {"encoder": "t"})
+
+
+def test_cca_finds_the_shared_latent_without_training() -> None:
+    train, held_out = _shared_latent_pairs(2000, seed=0), _shared_latent_pairs(200, seed=1)
+
+    model = fit_cca(train, dim=6)
+
+    assert model.image_proj.out_features == 6
+    metrics = evaluate_mapper(model, held_out)
+    assert metrics["t2i_r1"] > 50 and metrics["i2t_r1"] > 50  # chance is 0.5
+    random_map = JointMapper(40, 24, 6)
+    random_map.fit_standardisation(train.images, train.captions)
+    assert evaluate_mapper(random_map, held_out)["rsum"] < metrics["rsum"] / 3
+    assert torch.equal(fit_cca(train, dim=6).image_proj.weight, model.image_proj.weight)  # deterministic
+
+
+def test_cca_dimension_is_capped_by_the_smaller_feature_size() -> None:
+    assert fit_cca(_shared_latent_pairs(300, seed=0)).image_proj.out_features == 24
+
+
+def test_fit_mapper_with_cca_saves_a_mapper_that_evaluates_the_same(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, method="cca", dim=32)
+
+    _, config = load_mapper(workspace.require_current_mapper())
+    assert (config["kind"], config["loss"], config["dim"], summary.best_step) == ("cca", None, 32, 0)
+    evaluated = evaluate_current_mapper(workspace, corpus, "dev")
+    assert {key: evaluated[key] for key in summary.metrics} == pytest.approx(summary.metrics)
+
+
+def test_training_can_start_from_the_cca_solution(features: tuple[Path, Workspace, str]) -> None:
+    train = _paired(features, "train")
+    result = train_mapper(train, train, **{**TRAIN_OPTIONS, "steps": 40, "eval_every": 40}, init="cca")
+    assert result.metrics["rsum"] >= evaluate_mapper(fit_cca(train, TRAIN_OPTIONS["dim"]), train)["rsum"] - 1e-6
+    with pytest.raises(ValueError, match="use random or cca"):
+        train_mapper(train, train, **TRAIN_OPTIONS, init="pretrained")
+
+
+def test_zero_shot_classifies_the_pictures_by_colour(features: tuple[Path, Workspace, str]) -> None:
+    train = _paired(features, "train")
+    model = train_mapper(train, train, **TRAIN_OPTIONS).model
+    colours = list(COLOURS)
+    # The tiny corpus draws picture i in colour i % 6 (conftest.draw_picture), file order = id order here.
+    images = read_images(features[1], features[2], "train").to_pylist()
+    index = {row["image_id"]: int(Path(row["uri"]).stem.removeprefix("pic")) for row in images}
+    labels = [index[image_id] % len(colours) for image_id in train.image_ids]
+    encoder = load_encoder(TEXT_ENCODER, **ENCODER_RUNTIME)
+
+    accuracy = zero_shot_accuracy(model, encoder, train.images, labels, colours, templates=("a picture of a {} shape",))
+
+    classes = class_embeddings(model, encoder, colours, ("a picture of a {} shape",))
+    assert classes.shape == (6, TRAIN_OPTIONS["dim"])
+    assert torch.allclose(classes.norm(dim=1), torch.ones(6))
+    assert accuracy >= 0.75  # 8 training pictures, 6 colours: chance is 1/6

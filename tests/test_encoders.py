@@ -296,3 +296,29 @@ def test_batch_norm_folding_keeps_the_features() -> None:
     with torch.inference_mode():
         expected = unfolded.extract_features((batch.float() - 127.0) / 128.0).mean((2, 3))
     torch.testing.assert_close(encoder.encode(batch), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_lite2_takes_260_pixel_images_and_gives_1280_features() -> None:
+    lite2 = load_encoder("efficientnet-lite2", "cpu", "fp32")
+    batch = pixels(lite2, range(3))
+    assert batch.shape == (3, 3, 260, 260) and lite2.preprocessing["size"] == 260
+
+    features = lite2.encode(batch)
+
+    assert features.shape == (3, 1280) and torch.isfinite(features).all()
+    assert lite2.weights_digest != load_encoder(IMAGE_ENCODER, "cpu", "fp32").weights_digest
+
+
+def test_flip_averaging_is_the_mean_of_the_image_and_its_mirror(image_encoder: ImageEncoder) -> None:
+    flipped = load_encoder(f"{IMAGE_ENCODER}+flip", "cpu", "fp32")
+    batch = pixels(image_encoder, range(3))
+
+    features = flipped.encode(batch)
+
+    expected = 0.5 * (image_encoder.encode(batch) + image_encoder.encode(batch.flip(-1)))
+    assert torch.allclose(features, expected, atol=1e-5)
+    assert torch.allclose(flipped.encode(batch.flip(-1)), features, atol=1e-4)  # mirror-invariant
+    assert flipped.name == f"{IMAGE_ENCODER}+flip" and flipped.preprocessing["flip_average"] is True
+    assert flipped.describe() != image_encoder.describe()  # its features never mix with the plain ones
+    with pytest.raises(ValueError, match="image encoders only"):
+        load_encoder(f"{TEXT_ENCODER}+flip", "cpu", "fp32")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from crossalign.align.cca import fit_cca
 from crossalign.align.data import load_paired_features
 from crossalign.align.mapper import check_encoder, load_mapper, save_mapper
 from crossalign.align.metrics import metrics_table, retrieval_metrics
-from crossalign.align.train import train_mapper
+from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
 from crossalign.workspace import Workspace, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -44,9 +46,18 @@ def fit_mapper(
     dev = load_paired_features(workspace, corpus, eval_split, image_encoder, text_encoder)
     logger.info("training on %d images / %d captions of %s:%s; selecting on %d images of %s",
                 len(train.images), len(train.captions), corpus, train_split, len(dev.images), eval_split)
-    result = train_mapper(train, dev, **train_options)
+    method = train_options.pop("method", "train")
+    if method == "cca":  # closed form, no training: the options that shape it are dim alone
+        start = time.perf_counter()
+        model = fit_cca(train, train_options.get("dim"))
+        result = TrainResult(model, 0, evaluate_mapper(model, dev), seconds=round(time.perf_counter() - start, 2))
+    elif method == "train":
+        result = train_mapper(train, dev, **train_options)
+    else:
+        raise ValueError(f"unknown method {method!r}: use train or cca")
     config = {
-        "kind": "linear", "loss": train_options.get("loss", "infonce"),
+        "kind": "cca" if method == "cca" else "linear",
+        "loss": None if method == "cca" else train_options.get("loss", "infonce"),
         "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
         "dim": result.model.image_proj.out_features, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from crossalign.align.cca import fit_cca
 from crossalign.align.data import PairedFeatures
 from crossalign.align.loss import make_loss
 from crossalign.align.mapper import JointMapper
@@ -68,7 +69,7 @@ def train_mapper(
     train: PairedFeatures, dev: PairedFeatures, *, dim: int = 1024, steps: int = 1500, batch_size: int = 512,
     lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100, input_dropout: float = 0.5,
     init_temperature: float = 0.07, eval_every: int = 100, patience: int = 5, seed: int = 0,
-    loss: str = "infonce", margin: float = 0.2, precision: str = "auto",
+    loss: str = "infonce", margin: float = 0.2, precision: str = "auto", init: str = "random",
 ) -> TrainResult:
     """Train a `JointMapper` on `train` with `loss` (`crossalign.align.loss.LOSSES`); keep the state with
     the best dev rsum.
@@ -76,7 +77,8 @@ def train_mapper(
     Deterministic for a given seed. Stops early after `patience` evaluations without improvement.
     `precision="auto"` runs the training steps' matrix products in bf16 autocast on a CPU with bf16
     instructions (AMX); parameters, optimiser state and evaluation stay fp32. Measured on Flickr8k:
-    dev rsum 308.0 in bf16 against 307.7 in fp32.
+    dev rsum 308.0 in bf16 against 307.7 in fp32. `init="cca"` starts the linear maps from the
+    closed-form CCA solution (`crossalign.align.cca`; its directions fill the first outputs).
     """
     loss_fn = make_loss(loss, margin)
     if precision not in ("auto", "fp32", "bf16"):
@@ -86,6 +88,10 @@ def train_mapper(
     generator = torch.Generator().manual_seed(seed)
     model = JointMapper(train.images.shape[1], train.captions.shape[1], dim, input_dropout, init_temperature)
     model.fit_standardisation(train.images, train.captions)
+    if init == "cca":
+        _init_from_cca(model, fit_cca(train, dim))
+    elif init != "random":
+        raise ValueError(f"unknown init {init!r}: use random or cca")
     sampler = OneCaptionPerImageSampler(train.caption_image, len(train.images), batch_size, generator)
     with torch.no_grad():  # standardised once here, not at every step
         train_images, train_captions = model.standardise_image(train.images), model.standardise_text(train.captions)
@@ -125,6 +131,16 @@ def train_mapper(
     best.seconds = round(time.perf_counter() - start, 2)
     logger.info("best dev rsum %.2f at step %d (%.1fs)", best.metrics["rsum"], best.best_step, best.seconds)
     return best
+
+
+@torch.no_grad()
+def _init_from_cca(model: JointMapper, cca: JointMapper) -> None:
+    """Copy the CCA maps into the first outputs of `model` (same standardisation), scaled to its init's norm."""
+    k = cca.image_proj.out_features
+    for target, source in ((model.image_proj, cca.image_proj), (model.text_proj, cca.text_proj)):
+        scale = target.weight[:k].norm() / source.weight.norm()
+        target.weight[:k] = source.weight * scale
+        target.bias[:k] = 0.0
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):
