@@ -35,6 +35,7 @@ system-deps:
 demo: $(STAMP) system-deps
 	$(BIN)/crossalign fashion-mnist --out $(DEMO)/fashion-mnist --train 2000 --dev 500
 	$(BIN)/crossalign run --corpus $(DEMO)/fashion-mnist --workspace $(DEMO)/workspace --steps 600 \
+	  --image-encoder efficientnet-lite0 \
 	  --query "A photo of a sneaker." --query "A photo of a dress." --query "A photo of a bag."
 	$(BIN)/crossalign search --workspace $(DEMO)/workspace --text "A product photo of an ankle boot." --limit 5
 

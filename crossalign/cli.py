@@ -85,8 +85,10 @@ def run(
     loss: Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")] = "infonce",
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
-    image_encoder: Annotated[str, typer.Option(help="efficientnet-lite0, torchvision:<model>[@weights]")] = (
-        "efficientnet-lite0"),
+    image_encoder: Annotated[str, typer.Option(
+        help="efficientnet-lite0, efficientnet-lite2, torchvision:<model>[@weights]; +flip averages over the "
+        "mirror image; a,b concatenates several")] = (
+        "efficientnet-lite2+flip"),
     text_encoder: Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>[#cls]")] = "minilm-l6",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",

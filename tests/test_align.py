@@ -495,3 +495,18 @@ def test_zero_shot_classifies_the_pictures_by_colour(features: tuple[Path, Works
     assert classes.shape == (6, TRAIN_OPTIONS["dim"])
     assert torch.allclose(classes.norm(dim=1), torch.ones(6))
     assert accuracy >= 0.75  # 8 training pictures, 6 colours: chance is 1/6
+
+
+def test_mlp_mapper_trains_saves_and_loads(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+    options = {**TRAIN_OPTIONS, "depth": 2, "hidden": 48, "dropout": 0.1}
+
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **options)
+
+    model, config = load_mapper(workspace.require_current_mapper())
+    assert (config["kind"], config["depth"], config["hidden"], config["dim"]) == ("mlp", 2, 48, options["dim"])
+    assert isinstance(model.image_proj, torch.nn.Sequential) and model.image_proj[0].out_features == 48
+    evaluated = evaluate_current_mapper(workspace, corpus, "dev")
+    assert {key: evaluated[key] for key in summary.metrics} == pytest.approx(summary.metrics)
+    train = load_paired_features(workspace, corpus, "train", IMAGE_ENCODER, TEXT_ENCODER)
+    assert evaluate_mapper(model, train)["rsum"] > 300  # it fits the tiny training split

@@ -17,7 +17,7 @@ import lancedb
 import pytest
 
 FLICKR8K = Path(os.environ.get("CROSSALIGN_FLICKR8K", Path(__file__).resolve().parents[2] / "shared/data/flickr8k"))
-MIN_DEV_RSUM = 270.0
+MIN_DEV_RSUM = 315.0  # the default configuration (EfficientNet-Lite2, flip-averaged); measured 323.0
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,7 +28,7 @@ pytestmark = [
 def crossalign(*args: str, env: dict[str, str]) -> str:
     """Run the installed console script; fail the test with its output when it fails."""
     exe = Path(sys.executable).with_name("crossalign")
-    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=1800)
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, f"crossalign {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 

@@ -174,3 +174,34 @@ def test_tables_whose_mapper_is_gone_are_refused(built: tuple[Path, Workspace, s
 
     with pytest.raises(WorkspaceError, match=f"built by mapper {copy.current_mapper_id()}"):
         Searcher(copy, **ENCODER_RUNTIME)
+
+
+def test_several_image_encoders_side_by_side_end_to_end(tmp_path: Path) -> None:
+    """`a,b`: each part extracted on its own, concatenated for training, embedding and search by image."""
+    from crossalign.align.data import load_paired_features
+    from crossalign.extract import extract_image_features, extract_text_features, read_features
+
+    composite = f"{IMAGE_ENCODER},{IMAGE_ENCODER}+flip"
+    corpus_root, workspace = write_tiny_corpus(tmp_path / "corpus"), Workspace(tmp_path / "ws")
+    from crossalign.corpus import ingest_corpus
+
+    ingest_corpus(corpus_root, workspace, "tiny")
+    summary = extract_image_features(workspace, "tiny", composite, num_workers=0, **ENCODER_RUNTIME)
+    extract_text_features(workspace, "tiny", TEXT_ENCODER, **ENCODER_RUNTIME)
+    assert (summary.encoder, summary.encoded) == (composite, 12)
+    parts = [workspace.features_dir("tiny", name) for name in (IMAGE_ENCODER, f"{IMAGE_ENCODER}+flip")]
+    assert all((part / "_manifest.json").exists() for part in parts)
+
+    data = load_paired_features(workspace, "tiny", "train", composite, TEXT_ENCODER)
+    plain, flipped = (read_features(part, data.image_ids)[1] for part in parts)
+    assert np.array_equal(data.images.numpy(), np.concatenate([plain, flipped], axis=1))
+    assert data.image_encoder["encoder"] == composite and data.image_encoder["dim"] == 2560
+    assert [p["encoder"] for p in data.image_encoder["parts"]] == [IMAGE_ENCODER, f"{IMAGE_ENCODER}+flip"]
+
+    fit = fit_mapper(workspace, "tiny", composite, TEXT_ENCODER, **TRAIN_OPTIONS)
+    assert fit.metrics["rsum"] == 600.0
+    embed_corpus(workspace, "tiny")
+    searcher = Searcher(workspace, **ENCODER_RUNTIME)
+    image = corpus_root / read_images(workspace, "tiny", "train").column("uri").to_pylist()[0]
+    hits = searcher.image_to_text(image, limit=2)
+    assert len(hits) == 2 and hits[0].score > hits[1].score

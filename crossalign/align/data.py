@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from crossalign.corpus import read_captions, read_images
-from crossalign.extract import FeatureManifest, read_features
+from crossalign.extract.features import FeatureSet
 from crossalign.workspace import Workspace, WorkspaceError
 
 
@@ -58,21 +58,18 @@ def load_paired_features(workspace: Workspace, corpus: str, split: str, image_en
     captions = read_captions(workspace, corpus, split)
     if images.num_rows == 0 or captions.num_rows == 0:
         raise WorkspaceError(f"split {split!r} of corpus {corpus!r} has no images or no captions")
-    image_dir = workspace.features_dir(corpus, image_encoder)
-    text_dir = workspace.features_dir(corpus, text_encoder)
-    manifests = [FeatureManifest.load(d) for d in (image_dir, text_dir)]
-    if any(m is None for m in manifests):
-        raise WorkspaceError(f"features of corpus {corpus!r} are missing: run extraction first")
+    image_features = FeatureSet.open(workspace, corpus, image_encoder)
+    text_features = FeatureSet.open(workspace, corpus, text_encoder)
     # The protocol ranks an image by its own captions: images without any (or without features) are left out.
-    captioned = set(captions.column("image_id").to_pylist()) - set(manifests[0].failed)
+    captioned = set(captions.column("image_id").to_pylist()) - set(image_features.failed)
     image_ids = [i for i in images.column("image_id").to_pylist() if i in captioned]
     position = {image_id: row for row, image_id in enumerate(image_ids)}
     pairs = [(c, position[i]) for c, i in zip(captions.column("caption_id").to_pylist(),
                                               captions.column("image_id").to_pylist()) if i in position]
     caption_ids = [c for c, _ in pairs]
-    _, image_vectors = read_features(image_dir, image_ids)
-    _, text_vectors = read_features(text_dir, caption_ids)
+    _, image_vectors = image_features.read(image_ids)
+    _, text_vectors = text_features.read(caption_ids)
     return PairedFeatures(
         image_ids, caption_ids, torch.from_numpy(image_vectors), torch.from_numpy(text_vectors),
-        torch.tensor([p for _, p in pairs], dtype=torch.long), manifests[0].encoder, manifests[1].encoder,
+        torch.tensor([p for _, p in pairs], dtype=torch.long), image_features.encoder, text_features.encoder,
     )

@@ -56,10 +56,11 @@ def fit_mapper(
     else:
         raise ValueError(f"unknown method {method!r}: use train or cca")
     config = {
-        "kind": "cca" if method == "cca" else "linear",
+        "kind": "cca" if method == "cca" else ("linear" if train_options.get("depth", 1) == 1 else "mlp"),
+        "depth": train_options.get("depth", 1), "hidden": train_options.get("hidden", 2048),
         "loss": None if method == "cca" else train_options.get("loss", "infonce"),
         "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
-        "dim": result.model.image_proj.out_features, "image_encoder": train.image_encoder,
+        "dim": result.model.dim, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
         "best_step": result.best_step, "temperature": round(1.0 / result.model.scale().item(), 5),

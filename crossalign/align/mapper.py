@@ -41,21 +41,35 @@ class InputDropout(nn.Module):
         return x * keep * (256.0 / (256 - self.threshold))
 
 
+def projection(in_dim: int, dim: int, depth: int = 1, hidden: int = 2048, dropout: float = 0.0) -> nn.Module:
+    """One modality's map into the joint space: linear (`depth=1`), or an MLP of `depth` layers
+    (`hidden` wide, GELU, dropout between layers)."""
+    if depth == 1:
+        return nn.Linear(in_dim, dim)
+    layers: list[nn.Module] = []
+    for _ in range(depth - 1):
+        layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout)]
+        in_dim = hidden
+    return nn.Sequential(*layers, nn.Linear(in_dim, dim))
+
+
 class JointMapper(nn.Module):
-    """`z = normalize(W ((x - mean) / std) + b)` per modality, with a learnable temperature.
+    """`z = normalize(f((x - mean) / std))` per modality, with a learnable temperature; `f` is linear
+    (`W x + b`, the original design) or a small MLP.
 
     Standardisation statistics are fitted on the training features and saved with the weights.
     """
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, input_dropout: float = 0.0,
-                 init_temperature: float = 0.07) -> None:
+                 init_temperature: float = 0.07, depth: int = 1, hidden: int = 2048, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dim = dim
         self.register_buffer("image_mean", torch.zeros(image_dim))
         self.register_buffer("image_std", torch.ones(image_dim))
         self.register_buffer("text_mean", torch.zeros(text_dim))
         self.register_buffer("text_std", torch.ones(text_dim))
-        self.image_proj = nn.Linear(image_dim, dim)
-        self.text_proj = nn.Linear(text_dim, dim)
+        self.image_proj = projection(image_dim, dim, depth, hidden, dropout)
+        self.text_proj = projection(text_dim, dim, depth, hidden, dropout)
         self.dropout = InputDropout(input_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
@@ -114,7 +128,8 @@ def load_mapper(directory: Path) -> tuple[JointMapper, dict[str, Any]]:
     """Load a saved mapper (in eval mode) and its config."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
-    model = JointMapper(config["image_dim"], config["text_dim"], config["dim"])
+    model = JointMapper(config["image_dim"], config["text_dim"], config["dim"], depth=config.get("depth", 1),
+                        hidden=config.get("hidden", 2048))
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval(), config
 

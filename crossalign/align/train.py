@@ -70,6 +70,7 @@ def train_mapper(
     lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100, input_dropout: float = 0.5,
     init_temperature: float = 0.07, eval_every: int = 100, patience: int = 5, seed: int = 0,
     loss: str = "infonce", margin: float = 0.2, precision: str = "auto", init: str = "random",
+    depth: int = 1, hidden: int = 2048, dropout: float = 0.0,
 ) -> TrainResult:
     """Train a `JointMapper` on `train` with `loss` (`crossalign.align.loss.LOSSES`); keep the state with
     the best dev rsum.
@@ -86,9 +87,12 @@ def train_mapper(
     use_bf16 = precision == "bf16" or (precision == "auto" and cpu_supports_bf16())
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = JointMapper(train.images.shape[1], train.captions.shape[1], dim, input_dropout, init_temperature)
+    model = JointMapper(train.images.shape[1], train.captions.shape[1], dim, input_dropout, init_temperature,
+                        depth=depth, hidden=hidden, dropout=dropout)
     model.fit_standardisation(train.images, train.captions)
     if init == "cca":
+        if depth != 1:
+            raise ValueError("init='cca' initialises a linear mapper (depth 1)")
         _init_from_cca(model, fit_cca(train, dim))
     elif init != "random":
         raise ValueError(f"unknown init {init!r}: use random or cca")
@@ -136,7 +140,7 @@ def train_mapper(
 @torch.no_grad()
 def _init_from_cca(model: JointMapper, cca: JointMapper) -> None:
     """Copy the CCA maps into the first outputs of `model` (same standardisation), scaled to its init's norm."""
-    k = cca.image_proj.out_features
+    k = cca.dim
     for target, source in ((model.image_proj, cca.image_proj), (model.text_proj, cca.text_proj)):
         scale = target.weight[:k].norm() / source.weight.norm()
         target.weight[:k] = source.weight * scale

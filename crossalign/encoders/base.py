@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from crossalign.encoders.preprocess import ResizeCenterCrop
 
@@ -144,6 +145,10 @@ class ImageEncoder(Encoder):
     @abstractmethod
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of a normalised float batch on the encoder's device."""
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Features of PIL images (preprocessed here): what search by image uses."""
+        return self.encode(torch.stack([self.preprocess(image) for image in images]))
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

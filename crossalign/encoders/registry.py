@@ -3,7 +3,8 @@
 Names: the bundled `efficientnet-lite0`, `efficientnet-lite2` and `minilm-l6`;
 `torchvision:<model>[@weights|@random]` for any torchvision classifier; `hf:<model id or
 directory>[#mean|#cls]` for any Hugging Face encoder; `<image encoder>+flip` averages an image
-encoder's features over the image and its mirror image.
+encoder's features over the image and its mirror image; `<image encoder>,<image encoder>,...`
+concatenates the features of several.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from crossalign.encoders.base import Encoder, ImageEncoder, Runtime, resolve_runtime
+from crossalign.encoders.composite import SEPARATOR, CompositeImageEncoder, composite_parts
 from crossalign.encoders.efficientnet import FlipAveraged, load_efficientnet_lite0, load_efficientnet_lite2
 from crossalign.encoders.hf_text import load_hf, load_minilm_l6
 from crossalign.encoders.torchvision_image import load_torchvision
@@ -44,7 +46,8 @@ def register_encoder(name: str, factory: EncoderFactory, cpu_bf16: bool = False)
 
 def encoder_names() -> list[str]:
     """Names `load_encoder` accepts (families take a model after the colon)."""
-    return sorted(_ENTRIES) + [f"{family}:<model>" for family in sorted(_FAMILIES)] + ["<image encoder>+flip"]
+    combined = ["<image encoder>+flip", "<image encoder>,<image encoder>"]
+    return sorted(_ENTRIES) + [f"{family}:<model>" for family in sorted(_FAMILIES)] + combined
 
 
 @functools.lru_cache(maxsize=8)
@@ -55,6 +58,11 @@ def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> En
         ValueError: `name` is not registered and names no known family (the message lists what is).
         WeightsUnavailableError: the weights are not on this machine (nothing is downloaded).
     """
+    if SEPARATOR in name:  # several image encoders side by side
+        parts = [load_encoder(part, device, precision) for part in composite_parts(name)]
+        if not all(isinstance(part, ImageEncoder) for part in parts):
+            raise ValueError(f"{name}: only image encoders can be combined")
+        return CompositeImageEncoder(parts)
     if name.endswith("+flip"):  # any image encoder, averaged over the image and its mirror image
         inner = load_encoder(name.removesuffix("+flip"), device, precision)
         if not isinstance(inner, ImageEncoder):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from crossalign.corpus import read_captions, read_images
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
+from crossalign.encoders.composite import SEPARATOR, composite_parts
 from crossalign.extract.manifest import FeatureManifest
 from crossalign.extract.shards import ShardWriter, done_ids
 from crossalign.workspace import Workspace
@@ -204,6 +205,11 @@ def extract_image_features(
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r}: use one of {', '.join(DECODE_MODES)}")
+    if SEPARATOR in encoder_name:  # several image encoders: each part into its own features directory
+        options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
+                   "num_workers": num_workers, "split": split, "decode": decode}
+        parts = [extract_image_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
+        return combine_summaries(encoder_name, parts)
     encoder = load_encoder(encoder_name, device, precision)
     assert isinstance(encoder, ImageEncoder), f"{encoder_name} is not an image encoder"
     images = read_images(workspace, corpus, split)
@@ -247,6 +253,20 @@ def extract_image_features(
     with _torch_threads(min(4, torch.get_num_threads()) if on_gpu else None):
         return _run_extraction(encoder, ids, directory, batches, encoder.encode, shard_size,
                                description=describe_with_decoder(encoder, decode))
+
+
+def combine_summaries(name: str, parts: list[ExtractSummary]) -> ExtractSummary:
+    """One summary for the parts of a composite encoder (images counted once; time summed)."""
+    seconds = sum(part.seconds for part in parts)
+    encoded = max(part.encoded for part in parts)
+    return ExtractSummary(
+        encoder=name, modality="image", encoded=encoded, already_done=min(part.already_done for part in parts),
+        failed=max(part.failed for part in parts), seconds=round(seconds, 3),
+        items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
+        features_dir=",".join(part.features_dir for part in parts), precision=parts[0].precision,
+        wait_s=sum(p.wait_s for p in parts), encode_s=sum(p.encode_s for p in parts),
+        write_s=sum(p.write_s for p in parts),
+    )
 
 
 def describe_with_decoder(encoder: ImageEncoder, decode: str) -> dict[str, Any]:

@@ -86,12 +86,12 @@ class Searcher:
         encoder = self._encoder("image")
         try:
             with Image.open(path) as img:
-                pixels = encoder.preprocess(img)
+                features = encoder.encode_images([img])
         except (FileNotFoundError, IsADirectoryError):
             raise QueryError(f"query image {path} does not exist") from None
         except (UnidentifiedImageError, OSError) as err:
             raise QueryError(f"query image {path} cannot be read as an image: {err}") from None
-        return _joint(self.mapper.encode_image, encoder.encode(pixels[None]))
+        return _joint(self.mapper.encode_image, features)
 
     def text_to_image(self, text: str, limit: int = 5, split: str | None = None) -> list[SearchHit]:
         """The `limit` images nearest to a text query."""

@@ -14,7 +14,7 @@ import torch
 
 from crossalign.align.mapper import check_encoder, load_mapper
 from crossalign.corpus import read_captions, read_images
-from crossalign.extract import FeatureManifest, read_features
+from crossalign.extract.features import FeatureSet
 from crossalign.extract.shards import vectors_to_arrow
 from crossalign.store.schema import (
     CAPTIONS_TABLE,
@@ -24,7 +24,7 @@ from crossalign.store.schema import (
     images_schema,
     table_metadata,
 )
-from crossalign.workspace import Workspace, WorkspaceError
+from crossalign.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,11 @@ def _embed_rows(
     config: dict[str, Any], ids: list[str], columns: dict[str, pa.ChunkedArray],
     encode: Callable[[torch.Tensor], torch.Tensor],
 ) -> int:
-    encoder_name = config[f"{modality}_encoder"]["encoder"]
-    directory = workspace.features_dir(corpus, encoder_name)
-    manifest = FeatureManifest.load(directory)
-    if manifest is None:
-        raise WorkspaceError(f"no {encoder_name} features for corpus {corpus!r}: run extraction first")
-    check_encoder(config, modality, manifest.encoder)
-    keep = [i for i, item in enumerate(ids) if item not in manifest.failed]
-    keep_ids, features = read_features(directory, [ids[i] for i in keep])
+    features_set = FeatureSet.open(workspace, corpus, config[f"{modality}_encoder"]["encoder"])
+    check_encoder(config, modality, features_set.encoder)
+    failed = features_set.failed
+    keep = [i for i, item in enumerate(ids) if item not in failed]
+    keep_ids, features = features_set.read([ids[i] for i in keep])
     table = _open_or_create(db, name, schema)
     for start in range(0, len(keep), BATCH_ROWS):
         rows = keep[start:start + BATCH_ROWS]

@@ -1,0 +1,59 @@
+"""Several image encoders at once: features of each, side by side (`efficientnet-lite0,efficientnet-lite2+flip`).
+
+Each part is extracted into its own features directory as usual; readers concatenate the parts per
+image, and the mapper's per-dimension standardisation then standardises each part's features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from PIL import Image
+
+from crossalign.encoders.base import ImageEncoder
+
+SEPARATOR = ","
+
+
+def composite_parts(name: str) -> list[str]:
+    """The encoder names of a composite name (a single name gives itself)."""
+    return [part.strip() for part in name.split(SEPARATOR)]
+
+
+def composite_description(name: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The identity of concatenated features, from the descriptions of their parts (in order)."""
+    return {"encoder": name, "modality": "image", "dim": sum(part["dim"] for part in parts), "parts": parts}
+
+
+class CompositeImageEncoder(ImageEncoder):
+    """Image features of several encoders, concatenated in the order named.
+
+    Used where a single image is encoded (search by image); corpus features are extracted part by
+    part (`crossalign.extract.extract_image_features` splits the name) and concatenated when read.
+    """
+
+    def __init__(self, parts: list[ImageEncoder]) -> None:
+        self.parts = parts
+        self.name = SEPARATOR.join(part.name for part in parts)
+        self.dim = sum(part.dim for part in parts)
+        self.runtime = parts[0].runtime
+        self.size = max(part.size for part in parts)
+
+    @property
+    def weights_digest(self) -> str:
+        return hashlib.sha256("".join(part.weights_digest for part in self.parts).encode()).hexdigest()
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return {"parts": [part.preprocessing for part in self.parts]}
+
+    def describe(self) -> dict[str, Any]:
+        return composite_description(self.name, [part.describe() for part in self.parts])
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a composite encoder encodes PIL images (encode_images): each part has its own input size")
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.cat([part.encode_images(images) for part in self.parts], dim=1)
