@@ -377,7 +377,8 @@ def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[W
 
     directory = workspace.mapper_dir(summary.mapper_id)
     assert Path(summary.mapper_dir) == directory
-    assert {p.name for p in directory.iterdir()} == {"model.safetensors", "config.json", "metrics.json"}
+    assert {p.name for p in directory.iterdir()} == {"model.safetensors", "config.json", "metrics.json",
+                                                     "report.md", "recall_at_k.png"}
     assert workspace.current_mapper_id() == summary.mapper_id
     assert workspace.require_current_mapper() == directory
     config = json.loads((directory / "config.json").read_text())
@@ -510,3 +511,25 @@ def test_mlp_mapper_trains_saves_and_loads(features_copy: tuple[Workspace, str])
     assert {key: evaluated[key] for key in summary.metrics} == pytest.approx(summary.metrics)
     train = load_paired_features(workspace, corpus, "train", IMAGE_ENCODER, TEXT_ENCODER)
     assert evaluate_mapper(model, train)["rsum"] > 300  # it fits the tiny training split
+
+
+def test_mapper_report_has_the_metrics_table_and_a_recall_plot(features_copy: tuple[Workspace, str]) -> None:
+    from PIL import Image
+
+    from crossalign.align.report import recall_curves
+
+    workspace, corpus = features_copy
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    directory = Path(summary.mapper_dir)
+
+    report = (directory / "report.md").read_text()
+    assert metrics_table(summary.metrics) in report and "![recall@K](recall_at_k.png)" in report
+    with Image.open(directory / "recall_at_k.png") as plot:
+        assert plot.format == "PNG" and plot.size == (600, 400)
+    model, _ = load_mapper(directory)
+    curves = recall_curves(model, load_paired_features(workspace, corpus, "dev", IMAGE_ENCODER, TEXT_ENCODER))
+    text_to_image = curves["text → image"]
+    assert len(text_to_image) == 50 and text_to_image == sorted(text_to_image)  # recall grows with K
+    assert round(text_to_image[0], 2) == summary.metrics["t2i_r1"]  # the metrics round to 2 decimals
+    assert round(text_to_image[4], 2) == summary.metrics["t2i_r5"]
+    assert text_to_image[-1] == 100.0  # 4 dev images: every caption's image is within the first 50

@@ -13,6 +13,7 @@ from crossalign.align.cca import fit_cca
 from crossalign.align.data import load_paired_features
 from crossalign.align.mapper import check_encoder, load_mapper, save_mapper
 from crossalign.align.metrics import metrics_table, retrieval_metrics
+from crossalign.align.report import recall_curves, write_report
 from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
 from crossalign.workspace import Workspace, write_json_atomic
 
@@ -69,6 +70,7 @@ def fit_mapper(
     mapper_dir = workspace.mapper_dir(mapper_id)
     write_json_atomic(mapper_dir / "metrics.json", {"split": eval_split, "corpus": corpus, **result.metrics,
                                                     "history": result.history})
+    write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", result.metrics, recall_curves(result.model, dev))
     workspace.set_current_mapper(mapper_id)
     logger.info("mapper %s saved; %s", mapper_id, metrics_table(result.metrics).replace("\n", " "))
     return FitSummary(mapper_id, str(mapper_dir), result.best_step, result.seconds, result.metrics, result.history)
