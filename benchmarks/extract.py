@@ -27,7 +27,14 @@ from PIL import Image
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
 from crossalign.extract import extract_image_features, extract_text_features, read_features
-from crossalign.extract.extract import DECODE_MODES, ImageFiles, default_num_workers, nvjpeg_batches, threaded_batches
+from crossalign.extract.extract import (
+    DECODE_MODES,
+    NVJPEG_READERS,
+    ImageFiles,
+    default_num_workers,
+    nvjpeg_batches,
+    threaded_batches,
+)
 from crossalign.workspace import Workspace
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -64,7 +71,7 @@ def image_decode_only(encoder, uris: list[str], statuses: list[str], decode: str
     """Images/s of the decode path alone (no model): the ceiling of end to end with that path."""
     if decode == "nvjpeg":
         batches = nvjpeg_batches(uris, [s == "ok" for s in statuses], encoder.preprocess, encoder.size, batch_size,
-                                 min(4, workers), encoder.runtime.device)
+                                 workers, encoder.runtime.device)
     elif decode == "threads":
         batches = threaded_batches(ImageFiles(uris, encoder.preprocess, encoder.size), batch_size, workers,
                                    pin=encoder.runtime.device.type == "cuda")
@@ -236,7 +243,7 @@ def main() -> None:
         print(f"end to end, decode {decode}: {run.seconds:.1f}s = waiting for decoded batches {run.wait_s:.1f}s + "
               f"encoder {run.encode_s:.1f}s + shard writes {run.write_s:.1f}s (+ the rest)")
         workers = args.num_workers or default_num_workers()
-        notes = {"nvjpeg": f"{workers} reader threads, nvJPEG + resize on the GPU",
+        notes = {"nvjpeg": f"{min(NVJPEG_READERS, workers)} reader threads, nvJPEG + resize on the GPU",
                  "threads": f"{workers} decode threads, draft-mode JPEG",
                  "processes": f"{workers} spawned decode processes, draft-mode JPEG"}[decode]
         rows.append(("image", f"end to end ({decode})", run.items_per_s, notes))

@@ -39,7 +39,6 @@ class CompositeImageEncoder(ImageEncoder):
         self.name = SEPARATOR.join(part.name for part in parts)
         self.dim = sum(part.dim for part in parts)
         self.runtime = parts[0].runtime
-        self.size = max(part.size for part in parts)
 
     @property
     def weights_digest(self) -> str:
@@ -51,6 +50,10 @@ class CompositeImageEncoder(ImageEncoder):
 
     def describe(self) -> dict[str, Any]:
         return composite_description(self.name, [part.describe() for part in self.parts])
+
+    @property
+    def preprocess(self) -> Any:
+        raise TypeError("a composite encoder has no single input size: use encode_images (each part preprocesses)")
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         raise TypeError("a composite encoder encodes PIL images (encode_images): each part has its own input size")

@@ -92,6 +92,9 @@ def threaded_batches(
             yield [item[0] for item in items], pixels.pin_memory() if pin else pixels, [item[2] for item in items]
 
 
+NVJPEG_READERS = 4
+
+
 def nvjpeg_batches(
     uris: list[str], gpu_decodable: list[bool], preprocess: Callable[[Image.Image], torch.Tensor], size: int,
     batch_size: int, threads: int, device: torch.device, prefetch: int = 3,
@@ -102,7 +105,10 @@ def nvjpeg_batches(
     while the model runs the previous one. Images that are not plain upright 8-bit RGB JPEGs
     (`gpu_decodable` false: ingest normalised them) and any that nvJPEG refuses go through the CPU
     path (`preprocess`, with PIL) instead, so every image is seen as the CPU path would see it.
+    At most `NVJPEG_READERS` of the `threads` read files: more would only contend for the GIL with the
+    model's thread.
     """
+    threads = max(1, min(NVJPEG_READERS, threads))
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from crossalign.encoders.preprocess import JPEG_MAGIC, gpu_resize_center_crop
@@ -222,15 +228,13 @@ def extract_image_features(
 
     if decode == "nvjpeg" and not on_gpu:
         raise ValueError("decode='nvjpeg' decodes on the GPU: it needs a CUDA device")
-    statuses = images.column("status").to_pylist()
 
     def batches(todo: list[int]) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
         if decode == "nvjpeg":
             # Only images that needed no normalisation at ingest go to nvJPEG; the rest take the PIL path.
-            # Reading files needs few threads (more would only contend for the GIL with the model's thread).
+            statuses = images.column("status").to_pylist()
             batches = nvjpeg_batches([uris[i] for i in todo], [statuses[i] == "ok" for i in todo],
-                                     encoder.preprocess, size, batch_size, min(4, num_workers or 1),
-                                     encoder.runtime.device)
+                                     encoder.preprocess, size, batch_size, num_workers, encoder.runtime.device)
             for positions, pixels, errors in batches:
                 yield [todo[p] for p in positions], pixels, errors
             return
