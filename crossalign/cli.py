@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from crossalign.config import CorpusConfig, ExtractConfig, PipelineConfig, TrainConfig
+from crossalign.config import CorpusConfig, ExtractConfig, PipelineConfig, RunnerConfig, StoreConfig, TrainConfig
 
 app = typer.Typer(
     name="crossalign", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -36,10 +37,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from crossalign.encoders import WeightsUnavailableError
     from crossalign.extract import FeatureMismatchError
     from crossalign.search import QueryError
+    from crossalign.store import StoreMismatchError
     from crossalign.workspace import WorkspaceError
 
     return (CorpusConfigError, WorkspaceError, QueryError, MapperMismatchError, FeatureMismatchError,
-            WeightsUnavailableError, ValidationError, ValueError, FileNotFoundError)
+            StoreMismatchError, WeightsUnavailableError, ValidationError, ValueError, FileNotFoundError)
 
 
 def _friendly(command: Callable[..., None]) -> Callable[..., None]:
@@ -72,7 +74,8 @@ def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, fm
         workspace=workspace, corpus=CorpusConfig(root=corpus, format=fmt),
         extract=ExtractConfig(**sections.get("extract", {})),
         train=TrainConfig(train_split=train_split, eval_split=eval_split, **sections.get("train", {})),
-        **{k: v for k, v in sections.items() if k not in {"extract", "train"}},
+        store=StoreConfig(**sections.get("store", {})),
+        **{k: v for k, v in sections.items() if k not in {"extract", "train", "store"}},
     )
 
 
@@ -92,11 +95,15 @@ def run(
     text_encoder: Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>[#cls]")] = "minilm-l6",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
+    runner: Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")] = "threads",
+    dask_address: Annotated[Optional[str], typer.Option(
+        help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")] = None,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
-                     train={"steps": steps, "loss": loss}, retrain=retrain, queries=query or [])
+                     train={"steps": steps, "loss": loss}, retrain=retrain, queries=query or [],
+                     runner=RunnerConfig(kind=runner, dask_address=dask_address))
     if not config.corpus.root.is_dir():
         raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
     from crossalign.encoders import load_encoder
@@ -154,34 +161,101 @@ def evaluate(
     typer.echo(json.dumps(metrics) if as_json else metrics_table(metrics))
 
 
+Target = Annotated[Optional[str], typer.Option(
+    "--in", help="Table to search: images or captions (default: images for a text query, captions for an image).")]
+
+
 @app.command()
 @_friendly
 def search(
+    query: Annotated[Optional[str], typer.Argument(help="Text query (or use --image).", show_default=False)] = None,
     workspace: Workspace_ = Path("crossalign-data"),
-    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Find images for this text.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", "-i", help="Find captions for this image file.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Text query (same as the argument).")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", "-i", help="Query by this image file.")] = None,
+    target: Target = None,
+    mode: Annotated[str, typer.Option(
+        help="Text queries over captions: vector, fts (full text, BM25) or hybrid (both, fused by rank).")] = "vector",
     limit: Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")] = 5,
     split: Annotated[Optional[str], typer.Option(help="Only results of this split.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    corpus_name: Annotated[Optional[str], typer.Option("--corpus", help="Only results of this corpus.")] = None,
+    mapper: Annotated[Optional[str], typer.Option(help="Search an older mapper's vectors (see `tables list`).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per hit.")] = False,
 ) -> None:
-    """Search the tables: --text "..." (text -> image) or --image FILE (image -> text)."""
-    from crossalign.search import Searcher
+    """Search the tables: text -> image, image -> text, image -> image (--in images) or text -> text (--in captions).
 
+    Prints rank, score and path or caption; exits 1 when nothing is found.
+    """
+    from crossalign.search import QueryError, Searcher
+
+    if text is not None and query is not None:
+        raise QueryError("give the text query once: as the argument or with --text")
+    text = text if text is not None else query
     if (text is None) == (image is None):
-        raise ValueError("give exactly one of --text or --image")
-    searcher = Searcher(workspace)
-    if text is not None:
-        hits = searcher.text_to_image(text, limit, split)
+        raise QueryError("give exactly one query: a text (argument or --text) or --image FILE")
+    target = target or ("images" if text is not None else "captions")
+    if target not in ("images", "captions"):
+        raise QueryError(f"unknown table {target!r} for --in: use images or captions")
+    if mode != "vector" and (text is None or target != "captions"):
+        raise QueryError(f"--mode {mode} searches caption text: use it with a text query and --in captions")
+    searcher = Searcher(workspace, mapper_id=mapper)
+    filters = {"split": split, "corpus": corpus_name}
+    if text is not None and target == "images":
+        hits = searcher.text_to_image(text, limit, **filters)
+    elif text is not None:
+        hits = searcher.text_to_text(text, limit, mode=mode, **filters)
+    elif target == "images":
+        hits = searcher.image_to_image(image, limit, **filters)
     else:
-        hits = searcher.image_to_text(image, limit, split)
+        hits = searcher.image_to_text(image, limit, **filters)
     if not hits:
-        typer.secho("no results", err=True)
+        where = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v)
+        typer.secho(f"no results in {target}" + (f" for {where}" if where else ""), err=True)
         raise typer.Exit(1)
     for hit in hits:
         if as_json:
             typer.echo(json.dumps(hit.to_dict()))
         else:
             typer.echo(f"{hit.rank:>3}  {hit.score:.3f}  {hit.uri if hit.uri is not None else hit.text}")
+
+
+tables_app = typer.Typer(no_args_is_help=True, help="The LanceDB tables: mapper versions, compaction, cleanup.")
+app.add_typer(tables_app, name="tables")
+
+
+@tables_app.command("list")
+@_friendly
+def tables_list(
+    workspace: Workspace_ = Path("crossalign-data"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every mapper whose vectors the tables hold, and which one is current."""
+    from crossalign.store import mapper_versions
+    from crossalign.workspace import Workspace
+
+    versions = mapper_versions(Workspace(workspace))
+    if not versions:
+        raise FileNotFoundError(f"no tables in {Workspace(workspace).lancedb_uri}: run `crossalign run` first")
+    for v in versions:
+        if as_json:
+            typer.echo(json.dumps(v.__dict__))
+        else:
+            typer.echo(f"{v.table:<9} {v.mapper_id}  version {v.version:<4} {v.rows:>9} rows"
+                       + ("  (current)" if v.current else ""))
+
+
+@tables_app.command("cleanup")
+@_friendly
+def tables_cleanup(workspace: Workspace_ = Path("crossalign-data")) -> None:
+    """Compact the tables and delete every old version, older mappers' vectors included."""
+    from crossalign.store import cleanup_tables
+    from crossalign.workspace import Workspace
+
+    report = cleanup_tables(Workspace(workspace))
+    if not report:
+        raise FileNotFoundError(f"no tables in {Workspace(workspace).lancedb_uri}: run `crossalign run` first")
+    for table, r in report.items():
+        dropped = ", ".join(r["dropped_mappers"]) or "none"
+        typer.echo(f"{table}: {r['versions_before']} versions -> {r['versions_after']}; vectors dropped of: {dropped}")
 
 
 def _stage_command(stage: str, summary: str) -> None:
@@ -200,7 +274,20 @@ def _stage_command(stage: str, summary: str) -> None:
 _stage_command("ingest", "Ingest a corpus into the workspace's canonical tables (the `ingest` flow).")
 _stage_command("extract", "Extract the image and caption features the workspace lacks (the `extract` flow).")
 _stage_command("train", "Train a new mapper on cached features and make it current (the `train` flow).")
-_stage_command("embed", "Write the current mapper's joint vectors to LanceDB (the `embed` flow).")
+
+
+@app.command()
+@_friendly
+def embed(
+    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto",
+    mapper: Annotated[Optional[str], typer.Option(help="Embed with this mapper (default: the current one).")] = None,
+    metric: Annotated[str, typer.Option(help="cosine, l2 or dot: the index and search distance.")] = "cosine",
+) -> None:
+    """Write a mapper's joint vectors to LanceDB (the `embed` flow); another mapper gets its own table version."""
+    from flows.embed import embed_flow
+
+    config = _config(corpus, workspace, "train", "dev", fmt, store={"metric": metric, "mapper_id": mapper})
+    typer.echo(json.dumps(embed_flow(config), indent=2, default=str))
 
 
 @app.command("fashion-mnist")
@@ -223,6 +310,7 @@ def _log_to_stderr() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    os.environ.setdefault("LANCE_LOG", "error")  # LanceDB's Rust warnings are for developers, not search users
     app()
 
 

@@ -14,7 +14,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["run"], ["evaluate"], ["search"], ["ingest"], ["extract"], ["train"], ["embed"], ["fashion-mnist"]]
+    "command", [[], ["run"], ["evaluate"], ["search"], ["ingest"], ["extract"], ["train"], ["embed"], ["fashion-mnist"],
+                ["tables"], ["tables", "list"], ["tables", "cleanup"]]
 )
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
@@ -63,6 +64,52 @@ def test_search_image_json(cli_workspace):
     assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1)) and all(h["text"] for h in hits)
 
 
+def test_search_image_to_image_finds_the_image_first(cli_workspace):
+    corpus, workspace, _ = cli_workspace
+    image = corpus / "images" / "pic003.png"
+    result = runner.invoke(app, ["search", "--workspace", str(workspace), "--image", str(image), "--in", "images",
+                                 "--json", "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert Path(hits[0]["uri"]).name == "pic003.png" and hits[0]["score"] > hits[1]["score"]
+
+
+@pytest.mark.parametrize("mode", ["vector", "fts", "hybrid"])
+def test_search_text_to_text(cli_workspace, mode):
+    _, workspace, _ = cli_workspace
+    result = runner.invoke(app, ["search", "square drawn in yellow", "-w", str(workspace), "--in", "captions",
+                                 "--mode", mode, "--json"])
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert "square drawn in yellow" in [h["text"] for h in hits[:3]] and all(h["image_id"] for h in hits)
+
+
+def test_search_that_finds_nothing_exits_1(cli_workspace):
+    _, workspace, _ = cli_workspace
+    result = runner.invoke(app, ["search", "a dog", "-w", str(workspace), "--split", "nosuchsplit"])
+    assert result.exit_code == 1
+    assert "no results in images for split 'nosuchsplit'" in result.output and "Traceback" not in result.output
+
+
+def test_tables_list_and_cleanup(cli_workspace, tmp_path):
+    import shutil
+
+    _, workspace, _ = cli_workspace
+    copy = tmp_path / "ws"
+    shutil.copytree(workspace, copy)
+    listed = runner.invoke(app, ["tables", "list", "-w", str(copy), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.output.strip().splitlines()]
+    assert {(r["table"], r["current"]) for r in rows} == {("images", True), ("captions", True)}
+    assert {r["rows"] for r in rows if r["table"] == "images"} == {12}
+
+    cleaned = runner.invoke(app, ["tables", "cleanup", "-w", str(copy)])
+    assert cleaned.exit_code == 0, cleaned.output
+    assert "images:" in cleaned.output and "vectors dropped of: none" in cleaned.output
+    again = runner.invoke(app, ["search", "a red circle", "-w", str(copy), "--limit", "1"])
+    assert again.exit_code == 0 and again.output.count("\n") == 1
+
+
 def test_evaluate_json(cli_workspace):
     corpus, workspace, _ = cli_workspace
     result = runner.invoke(app, ["evaluate", "--workspace", str(workspace), "--corpus", str(corpus),
@@ -77,8 +124,16 @@ def test_evaluate_json(cli_workspace):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["search", "--workspace", "{empty}", "--text", "a dog"], "no captions or images table"),
-        (["search", "--workspace", "{ws}"], "exactly one of --text or --image"),
+        (["search", "--workspace", "{empty}", "--text", "a dog"], "no images table in"),
+        (["search", "--workspace", "{ws}"], "give exactly one query"),
+        (["search", "a dog", "--workspace", "{ws}", "--text", "a cat"], "give the text query once"),
+        (["search", "a dog", "--workspace", "{ws}", "--in", "people"], "unknown table 'people' for --in"),
+        (["search", "--workspace", "{ws}", "--image", "{notimage}", "--mode", "fts"], "--mode fts searches caption"),
+        (["search", "a dog", "--workspace", "{ws}", "--mode", "hybrid"], "use it with a text query and --in captions"),
+        (["search", "a dog", "--workspace", "{ws}", "--in", "captions", "--mode", "fuzzy"], "unknown search mode"),
+        (["search", "a dog", "-w", "{ws}", "--mapper", "mapper-nope"], "holds no vectors of mapper mapper-nope"),
+        (["tables", "list", "--workspace", "{empty}"], "no tables in"),
+        (["tables", "cleanup", "--workspace", "{empty}"], "no tables in"),
         (["search", "--workspace", "{ws}", "--image", "{missing}"], "does not exist"),
         (["search", "--workspace", "{ws}", "--image", "{notimage}"], "cannot be read as an image"),
         (["run", "--corpus", "{missing}", "--workspace", "{empty}"], "does not exist"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture,
 from crossalign.align import fit_mapper
 from crossalign.corpus import read_captions, read_images
 from crossalign.search import QueryError, Searcher, search_text
-from crossalign.store import embed_corpus
+from crossalign.store import IMAGES_TABLE, StoreMismatchError, connect, embed_corpus, table_metadata
 from crossalign.workspace import Workspace, WorkspaceError
 
 # Enough steps to memorise the 8 training pictures. Selection runs on the training split too, so the
@@ -93,7 +94,7 @@ def test_hits_are_ranked_by_cosine_similarity(searcher: Searcher) -> None:
     scores = [hit.score for hit in hits]
     assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
     assert all(Path(hit.uri).is_file() and hit.split in {"train", "dev"} for hit in hits)
-    assert set(hits[0].to_dict()) == {"rank", "score", "id", "uri", "split"}  # no None fields
+    assert set(hits[0].to_dict()) == {"rank", "score", "id", "uri", "split", "corpus"}  # no None fields
 
 
 def test_limit_caps_the_number_of_hits(searcher: Searcher) -> None:
@@ -162,7 +163,7 @@ def test_search_text_one_shot_with_default_runtime(built: tuple[Path, Workspace,
 
 
 def test_workspace_without_tables_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(WorkspaceError, match="no captions or images table"):
+    with pytest.raises(WorkspaceError, match="no images table in .*: run `crossalign run`"):
         Searcher(Workspace(tmp_path / "empty"), **ENCODER_RUNTIME)
 
 
@@ -205,3 +206,96 @@ def test_several_image_encoders_side_by_side_end_to_end(tmp_path: Path) -> None:
     image = corpus_root / read_images(workspace, "tiny", "train").column("uri").to_pylist()[0]
     hits = searcher.image_to_text(image, limit=2)
     assert len(hits) == 2 and hits[0].score > hits[1].score
+
+
+def test_an_image_query_finds_itself_first(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, workspace, corpus = built
+    for row in read_images(workspace, corpus).to_pylist()[:3]:
+        hits = searcher.image_to_image(row["uri"], limit=3)
+        assert hits[0].id == row["image_id"] and hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert hits[0].uri == row["uri"] and hits[1].score < hits[0].score
+
+
+def test_a_text_query_finds_the_same_caption_first(searcher: Searcher) -> None:
+    hits = searcher.text_to_text("a picture of a red circle", limit=3)
+
+    assert hits[0].text == "a picture of a red circle" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert all(hit.image_id for hit in hits)
+
+
+def test_full_text_search_finds_the_captions_with_the_word(built: tuple[Path, Workspace, str],
+                                                           searcher: Searcher) -> None:
+    _, workspace, corpus = built
+    expected = {r["text"] for r in read_captions(workspace, corpus).to_pylist() if "drawn" in r["text"]}
+
+    hits = searcher.text_to_text("drawn", limit=10, mode="fts")
+
+    assert len(expected) == 4 and {hit.text for hit in hits} == expected
+    assert [hit.rank for hit in hits] == [1, 2, 3, 4] and all(hit.score > 0 for hit in hits)
+
+
+def test_hybrid_search_ranks_the_caption_with_both_signals_first(searcher: Searcher) -> None:
+    hits = searcher.text_to_text("circle drawn in red", limit=5, mode="hybrid")
+
+    assert hits[0].text == "circle drawn in red"
+    scores = [hit.score for hit in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_full_text_search_respects_filters(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, workspace, corpus = built
+    expected = [r["text"] for r in read_captions(workspace, corpus, "dev").to_pylist() if "drawn" in r["text"]]
+
+    hits = searcher.text_to_text("drawn", limit=10, mode="fts", split="dev")
+
+    assert len(expected) == 1 and [hit.text for hit in hits] == expected  # picture 9: the only dev one with "drawn"
+    assert searcher.text_to_text("drawn", mode="fts", corpus="another") == []
+
+
+def test_corpus_filter(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
+    _, _, corpus = built
+    assert {hit.corpus for hit in searcher.text_to_image("a red circle", limit=20, corpus=corpus)} == {corpus}
+    assert searcher.text_to_image("a red circle", corpus="another") == []
+
+
+def test_unknown_mode_is_refused(searcher: Searcher) -> None:
+    with pytest.raises(QueryError, match="unknown search mode 'fuzzy'"):
+        searcher.text_to_text("a dog", mode="fuzzy")
+
+
+def test_a_query_vector_of_another_dimension_is_refused(searcher: Searcher) -> None:
+    with pytest.raises(StoreMismatchError, match=f"holds {TRAIN_OPTIONS['dim']}-d vectors; the query vector has 8"):
+        searcher.search_vector(IMAGES_TABLE, np.ones(8, dtype=np.float32))
+
+
+def test_an_older_mapper_is_searched_at_its_own_version(built: tuple[Path, Workspace, str], tmp_path: Path) -> None:
+    _, workspace, corpus = built
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    copy = Workspace(tmp_path / "ws")
+    first = copy.current_mapper_id()
+    second = fit_mapper(copy, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "dim": 32, "steps": 20})
+    embed_corpus(copy, corpus)
+
+    old, new = Searcher(copy, mapper_id=first, **ENCODER_RUNTIME), Searcher(copy, **ENCODER_RUNTIME)
+
+    assert old.metadata["mapper_id"] == first and new.metadata["mapper_id"] == second.mapper_id
+    assert old.embed_text("a red circle").shape == (TRAIN_OPTIONS["dim"],)
+    assert new.embed_text("a red circle").shape == (32,)
+    assert old.text_to_image("a picture of a red circle", limit=1)[0].uri.endswith("pic000.jpg")
+    with pytest.raises(StoreMismatchError, match="holds no vectors of mapper mapper-nope"):
+        Searcher(copy, mapper_id="mapper-nope", **ENCODER_RUNTIME)
+
+
+def test_tables_naming_other_encoders_than_their_mapper_are_refused(built: tuple[Path, Workspace, str],
+                                                                     tmp_path: Path) -> None:
+    _, workspace, _ = built
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    copy = Workspace(tmp_path / "ws")
+    config_path = copy.require_current_mapper() / "config.json"
+    config = json.loads(config_path.read_text())
+    config["image_encoder"] = {**config["image_encoder"], "encoder": "efficientnet-lite2"}
+    config_path.write_text(json.dumps(config))
+
+    with pytest.raises(StoreMismatchError, match="expects image features of efficientnet-lite2, but the tables name"):
+        Searcher(copy, **ENCODER_RUNTIME)
+    assert table_metadata(connect(copy).open_table(IMAGES_TABLE).schema)["image_encoder"]["encoder"] == IMAGE_ENCODER

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_picture, write_records, write_tiny_corpus
@@ -17,11 +19,16 @@ from crossalign.extract import FeatureManifest, read_features
 from crossalign.store import (
     CAPTIONS_TABLE,
     IMAGES_TABLE,
+    StoreMismatchError,
     captions_schema,
+    cleanup_tables,
     embed_corpus,
     images_schema,
+    mapper_versions,
+    open_table,
     table_metadata,
     table_names,
+    upsert_rows,
 )
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -231,3 +238,152 @@ def test_embed_refuses_features_of_other_encoders(ws: tuple[Path, Workspace, str
 
     with pytest.raises(MapperMismatchError, match="image features"):
         embed_corpus(workspace, corpus)
+
+
+def _tree_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_second_embed_writes_no_new_table_version(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    db = lancedb.connect(str(workspace.lancedb_uri))
+    versions = {t: db.open_table(t).version for t in (IMAGES_TABLE, CAPTIONS_TABLE)}
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert (summary.images, summary.captions, summary.removed, summary.rebuilt) == (0, 0, 0, False)
+    assert {t: db.open_table(t).version for t in (IMAGES_TABLE, CAPTIONS_TABLE)} == versions
+
+
+def test_a_second_mapper_reembeds_from_cached_features_into_its_own_version(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    first = embed_corpus(workspace, corpus)
+    first_vectors = {r["id"]: r["vector"] for r in rows(workspace, IMAGES_TABLE)}
+    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 7, "dim": 16})
+    features = _tree_stamps(workspace.root / "features")
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert _tree_stamps(workspace.root / "features") == features  # no extraction, no feature file touched
+    assert summary.rebuilt and (summary.images, summary.captions) == (12, 28)
+    db = lancedb.connect(str(workspace.lancedb_uri))
+    versions = mapper_versions(workspace)
+    assert {(v.table, v.mapper_id, v.current, v.rows) for v in versions} == {
+        (IMAGES_TABLE, other.mapper_id, True, 12), (IMAGES_TABLE, first.mapper_id, False, 12),
+        (CAPTIONS_TABLE, other.mapper_id, True, 28), (CAPTIONS_TABLE, first.mapper_id, False, 28)}
+    old = open_table(db, IMAGES_TABLE, first.mapper_id)
+    assert table_metadata(old.schema)["mapper_id"] == first.mapper_id
+    assert {r["id"]: r["vector"] for r in old.to_arrow().to_pylist()} == first_vectors
+    assert table_metadata(open_table(db, IMAGES_TABLE).schema)["mapper_id"] == other.mapper_id
+    unknown = "mapper-000000000000"
+    with pytest.raises(StoreMismatchError, match=f"no vectors of mapper {unknown}: current {other.mapper_id}"):
+        open_table(db, CAPTIONS_TABLE, unknown)
+
+
+def test_switching_mapper_keeps_every_corpus_of_the_tables(ws: tuple[Path, Workspace, str], tmp_path: Path) -> None:
+    corpus_root, workspace, corpus = ws
+    second_root = tmp_path / "second"
+    write_records(second_root, [write_picture(second_root, 40, "train")])
+    ingest_and_extract(second_root, workspace, "second")
+    embed_corpus(workspace, corpus)
+    embed_corpus(workspace, "second")
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 3})
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.rebuilt and summary.images_in_table == 13
+    assert {r["corpus"] for r in rows(workspace, IMAGES_TABLE)} == {corpus, "second"}
+    assert {r["mapper_id"] for r in rows(workspace, CAPTIONS_TABLE)} == {summary.mapper_id}
+
+
+def test_cleanup_compacts_and_drops_older_mappers(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    first = embed_corpus(workspace, corpus)
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 5})
+    current = embed_corpus(workspace, corpus)
+    before = rows(workspace, CAPTIONS_TABLE)
+
+    report = cleanup_tables(workspace)
+
+    assert report[IMAGES_TABLE]["dropped_mappers"] == [first.mapper_id]
+    assert report[IMAGES_TABLE]["versions_after"] < report[IMAGES_TABLE]["versions_before"]
+    assert [(v.mapper_id, v.current) for v in mapper_versions(workspace)] == [(current.mapper_id, True)] * 2
+    assert sorted(rows(workspace, CAPTIONS_TABLE), key=lambda r: r["id"]) == sorted(before, key=lambda r: r["id"])
+    with pytest.raises(StoreMismatchError, match="no vectors of mapper"):
+        open_table(lancedb.connect(str(workspace.lancedb_uri)), IMAGES_TABLE, first.mapper_id)
+
+
+def test_items_gone_from_the_corpus_leave_the_tables(ws: tuple[Path, Workspace, str]) -> None:
+    corpus_root, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    records = [json.loads(line) for line in (corpus_root / "captions.jsonl").read_text().splitlines()]
+    (corpus_root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[1:]))
+    ingest_and_extract(corpus_root, workspace, corpus)
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.removed == 1 + len(records[0]["captions"])
+    assert summary.images_in_table == 11
+    assert sorted(r["id"] for r in rows(workspace, IMAGES_TABLE)) == sorted(
+        read_images(workspace, corpus).column("image_id").to_pylist())
+
+
+def _rows_like(workspace: Workspace, table: str, dim: int, mapper_id: str) -> pa.Table:
+    stored = lancedb.connect(str(workspace.lancedb_uri)).open_table(table).to_arrow().slice(0, 2)
+    vectors = np.full((2, dim), 1.0 / np.sqrt(dim), dtype=np.float32)
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)
+    return stored.set_column(stored.schema.get_field_index("vector"), pa.field("vector", vector.type), vector) \
+        .set_column(stored.schema.get_field_index("mapper_id"), "mapper_id", pa.array([mapper_id] * 2))
+
+
+def test_upsert_refuses_vectors_of_another_dimension(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    summary = embed_corpus(workspace, corpus)
+    table = lancedb.connect(str(workspace.lancedb_uri)).open_table(IMAGES_TABLE)
+
+    refused = f"holds {TRAIN_OPTIONS['dim']}-d float vectors; refusing rows of 16-d float"
+    with pytest.raises(StoreMismatchError, match=refused):
+        upsert_rows(table, _rows_like(workspace, IMAGES_TABLE, 16, summary.mapper_id))
+    assert table.count_rows() == 12
+
+
+def test_upsert_refuses_vectors_of_another_mapper(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    summary = embed_corpus(workspace, corpus)
+    table = lancedb.connect(str(workspace.lancedb_uri)).open_table(CAPTIONS_TABLE)
+    before = table.version
+
+    with pytest.raises(StoreMismatchError, match=f"holds vectors of mapper {summary.mapper_id}; refusing rows of "
+                                                 "mapper-someoneelse"):
+        upsert_rows(table, _rows_like(workspace, CAPTIONS_TABLE, TRAIN_OPTIONS["dim"], "mapper-someoneelse"))
+    assert table.version == before and table.count_rows() == 28
+
+
+def test_upsert_of_existing_ids_replaces_them(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    summary = embed_corpus(workspace, corpus)
+    table = lancedb.connect(str(workspace.lancedb_uri)).open_table(IMAGES_TABLE)
+    changed = _rows_like(workspace, IMAGES_TABLE, TRAIN_OPTIONS["dim"], summary.mapper_id)
+
+    upsert_rows(table, changed)
+    upsert_rows(table, changed)
+
+    assert table.count_rows() == 12
+    stored = {r["id"]: r["vector"] for r in table.to_arrow().to_pylist()}
+    for row in changed.to_pylist():
+        assert np.allclose(stored[row["id"]], row["vector"])
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+def test_metric_is_selectable_and_recorded(ws: tuple[Path, Workspace, str], metric: str) -> None:
+    _, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+
+    summary = embed_corpus(workspace, corpus, metric=metric)
+
+    assert summary.rebuilt and summary.metric == metric
+    db = lancedb.connect(str(workspace.lancedb_uri))
+    assert table_metadata(db.open_table(IMAGES_TABLE).schema)["metric"] == metric
+    with pytest.raises(ValueError, match="unknown distance metric 'hamming'"):
+        embed_corpus(workspace, corpus, metric="hamming")

@@ -1,11 +1,12 @@
-"""Search the joint tables: text -> image and image -> text, with the encoders and mapper that built them."""
+"""Search the joint tables: text or image queries against images or captions, embedded exactly as the
+tables were built (mapper and encoders read from the table metadata)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -13,19 +14,30 @@ from PIL import Image, UnidentifiedImageError
 
 from crossalign.align.mapper import check_encoder, load_mapper
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
-from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, connect, table_metadata, table_names
+from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
+from crossalign.store.index import apply_plan, plan_index
+from crossalign.store.tables import quote
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
 
+Mode = Literal["vector", "fts", "hybrid"]
+MODES = ("vector", "fts", "hybrid")
+COLUMNS = {IMAGES_TABLE: ["id", "uri", "split", "corpus"],
+           CAPTIONS_TABLE: ["id", "text", "image_id", "split", "corpus"]}
+
 
 class QueryError(ValueError):
-    """A query that cannot be run (an unreadable image, an empty text)."""
+    """A query that cannot be run (an unreadable image, an empty text, a mode the table cannot serve)."""
 
 
 @dataclass
 class SearchHit:
-    """One result: rank (1-based), cosine similarity, and what was found."""
+    """One result: rank (1-based), score and what was found.
+
+    The score is the cosine similarity for vector search (the vectors are unit length, so every metric
+    ranks alike), BM25 for full-text search and the reciprocal-rank-fusion score for hybrid search.
+    """
 
     rank: int
     score: float
@@ -34,41 +46,58 @@ class SearchHit:
     text: str | None = None  # for captions
     image_id: str | None = None
     split: str | None = None
+    corpus: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class Searcher:
-    """Embeds queries exactly as the tables were built (mapper and encoders read from table metadata).
+    """Embeds queries exactly as the tables were built, and searches them.
 
-    Encoders load lazily: a text-only session never loads the image encoder.
+    `mapper_id` picks an older mapper whose tagged vectors the tables still hold (default: the
+    current one). Encoders load lazily: a text-only session never loads the image encoder.
+
+    Raises:
+        WorkspaceError: no tables, or the mapper that built them is gone from the workspace.
+        StoreMismatchError: the tables hold no vectors of `mapper_id`, or the two tables (or the
+            mapper on disk) disagree about the mapper and encoders.
     """
 
-    def __init__(self, workspace: Workspace | Path | str, device: str = "auto", precision: str = "auto") -> None:
+    def __init__(self, workspace: Workspace | Path | str, mapper_id: str | None = None, device: str = "auto",
+                 precision: str = "auto") -> None:
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
-        self._db = connect(self.workspace)
-        missing = {IMAGES_TABLE, CAPTIONS_TABLE} - set(table_names(self._db))
-        if missing:
-            raise WorkspaceError(
-                f"no {' or '.join(sorted(missing))} table in {self.workspace.lancedb_uri}: "
-                f"run `crossalign run --corpus DIR --workspace {self.workspace.root}` first"
-            )
-        self._tables = {name: self._db.open_table(name) for name in (IMAGES_TABLE, CAPTIONS_TABLE)}
+        db = connect(self.workspace)
+        self._tables = {name: open_table(db, name, mapper_id) for name in (IMAGES_TABLE, CAPTIONS_TABLE)}
         self.metadata = table_metadata(self._tables[IMAGES_TABLE].schema)
+        if table_metadata(self._tables[CAPTIONS_TABLE].schema).get("mapper_id") != self.metadata.get("mapper_id"):
+            raise StoreMismatchError(
+                "the images and captions tables were built by different mappers: run `crossalign embed` again"
+            )
         mapper_dir = self.workspace.mapper_dir(self.metadata["mapper_id"])
-        if not mapper_dir.exists():
+        if not (mapper_dir / "config.json").exists():
             raise WorkspaceError(
-                f"the tables were built by mapper {self.metadata['mapper_id']}, which is not in {mapper_dir}"
+                f"the tables were built by mapper {self.metadata['mapper_id']}, which is not in {mapper_dir.parent}"
             )
         self.mapper, self.mapper_config = load_mapper(mapper_dir)
+        for modality in ("image", "text"):
+            if self.mapper_config[f"{modality}_encoder"] != self.metadata[f"{modality}_encoder"]:
+                raise StoreMismatchError(
+                    f"mapper {self.metadata['mapper_id']} on disk expects {modality} features of "
+                    f"{self.mapper_config[f'{modality}_encoder']['encoder']}, but the tables name "
+                    f"{self.metadata[f'{modality}_encoder']['encoder']}"
+                )
+        self.metric = self.metadata.get("metric", "cosine")
         self._device, self._precision = device, precision
+        self._encoders: dict[str, ImageEncoder | TextEncoder] = {}
 
     def _encoder(self, modality: str) -> ImageEncoder | TextEncoder:
-        expected = self.mapper_config[f"{modality}_encoder"]
-        encoder = load_encoder(expected["encoder"], self._device, self._precision)
-        check_encoder(self.mapper_config, modality, encoder.describe())
-        return encoder
+        if modality not in self._encoders:
+            expected = self.mapper_config[f"{modality}_encoder"]
+            encoder = load_encoder(expected["encoder"], self._device, self._precision)
+            check_encoder(self.mapper_config, modality, encoder.describe())
+            self._encoders[modality] = encoder
+        return self._encoders[modality]
 
     def embed_text(self, text: str) -> np.ndarray:
         """The joint vector of a text query."""
@@ -93,21 +122,72 @@ class Searcher:
             raise QueryError(f"query image {path} cannot be read as an image: {err}") from None
         return _joint(self.mapper.encode_image, features)
 
-    def text_to_image(self, text: str, limit: int = 5, split: str | None = None) -> list[SearchHit]:
+    def text_to_image(self, text: str, limit: int = 5, split: str | None = None,
+                      corpus: str | None = None) -> list[SearchHit]:
         """The `limit` images nearest to a text query."""
-        return self._search(IMAGES_TABLE, self.embed_text(text), limit, split)
+        return self.search_vector(IMAGES_TABLE, self.embed_text(text), limit, split, corpus)
 
-    def image_to_text(self, path: Path | str, limit: int = 5, split: str | None = None) -> list[SearchHit]:
+    def image_to_text(self, path: Path | str, limit: int = 5, split: str | None = None,
+                      corpus: str | None = None) -> list[SearchHit]:
         """The `limit` captions nearest to an image file."""
-        return self._search(CAPTIONS_TABLE, self.embed_image(path), limit, split)
+        return self.search_vector(CAPTIONS_TABLE, self.embed_image(path), limit, split, corpus)
 
-    def _search(self, table: str, vector: np.ndarray, limit: int, split: str | None) -> list[SearchHit]:
-        columns = ["id", "uri", "split"] if table == IMAGES_TABLE else ["id", "text", "image_id", "split"]
-        query = self._tables[table].search(vector).distance_type("cosine").limit(limit)
-        if split is not None:
-            query = query.where(f"split = '{split.replace(chr(39), chr(39) * 2)}'", prefilter=True)
-        rows = query.select([*columns, "_distance"]).to_list()
-        return [SearchHit(rank=i, score=round(1.0 - row.pop("_distance"), 4), **row) for i, row in enumerate(rows, 1)]
+    def image_to_image(self, path: Path | str, limit: int = 5, split: str | None = None,
+                       corpus: str | None = None) -> list[SearchHit]:
+        """The `limit` images nearest to an image file (the file itself first, if it is in the table)."""
+        return self.search_vector(IMAGES_TABLE, self.embed_image(path), limit, split, corpus)
+
+    def text_to_text(self, text: str, limit: int = 5, split: str | None = None, corpus: str | None = None,
+                     mode: Mode = "vector") -> list[SearchHit]:
+        """The `limit` captions nearest to a text query: by joint vector, by full text (BM25), or both
+        fused by reciprocal rank (`hybrid`)."""
+        if mode not in MODES:
+            raise QueryError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode == "vector":
+            return self.search_vector(CAPTIONS_TABLE, self.embed_text(text), limit, split, corpus)
+        if not text.strip():
+            raise QueryError("the text query is empty")
+        table = self._tables[CAPTIONS_TABLE]
+        if mode == "fts":
+            query = table.search(text, query_type="fts").select([*COLUMNS[CAPTIONS_TABLE], "_score"])
+            score = "_score"
+        else:  # the fused score column cannot be selected: LanceDB adds it after the two searches
+            query = table.search(query_type="hybrid").vector(self.embed_text(text)).text(text)
+            query, score = query.select(COLUMNS[CAPTIONS_TABLE]), "_relevance_score"
+        rows = _filtered(query, split, corpus).limit(limit).to_list()
+        return _hits([{k: v for k, v in row.items() if k in (*COLUMNS[CAPTIONS_TABLE], score)} for row in rows],
+                     lambda row: row.pop(score))
+
+    def search_vector(self, table: str, vector: np.ndarray, limit: int = 5, split: str | None = None,
+                      corpus: str | None = None) -> list[SearchHit]:
+        """The `limit` rows of `table` nearest to a joint vector, through the table's tuned ANN index.
+
+        Raises:
+            StoreMismatchError: `vector` has another dimension than the table's vectors.
+        """
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != self.metadata["dim"]:
+            raise StoreMismatchError(f"table {table} holds {self.metadata['dim']}-d vectors; "
+                                     f"the query vector has {vector.shape[0]}")
+        handle = self._tables[table]
+        plan = plan_index(handle.count_rows(), self.metadata["dim"], self.metric)
+        query = apply_plan(_filtered(handle.search(vector), split, corpus), plan)
+        rows = query.select([*COLUMNS[table], "_distance"]).limit(limit).to_list()
+        return _hits(rows, lambda row: _similarity(row.pop("_distance"), self.metric))
+
+
+def _filtered(query: Any, split: str | None, corpus: str | None) -> Any:
+    clauses = [f"{column} = {quote(value)}" for column, value in (("split", split), ("corpus", corpus)) if value]
+    return query.where(" AND ".join(clauses), prefilter=True) if clauses else query
+
+
+def _similarity(distance: float, metric: str) -> float:
+    """Cosine similarity of unit vectors from LanceDB's distance (l2 is the squared distance)."""
+    return 1.0 - distance / 2.0 if metric == "l2" else 1.0 - distance
+
+
+def _hits(rows: list[dict[str, Any]], score: Any) -> list[SearchHit]:
+    return [SearchHit(rank=i, score=round(float(score(row)), 4), **row) for i, row in enumerate(rows, 1)]
 
 
 def _joint(project: Any, features: torch.Tensor) -> np.ndarray:
@@ -118,6 +198,3 @@ def _joint(project: Any, features: torch.Tensor) -> np.ndarray:
 def search_text(workspace: Workspace | Path | str, text: str, limit: int = 5) -> list[SearchHit]:
     """One-shot text -> image search (loads the mapper and text encoder each call)."""
     return Searcher(workspace).text_to_image(text, limit)
-
-
-

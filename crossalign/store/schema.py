@@ -11,6 +11,14 @@ IMAGES_TABLE = "images"
 CAPTIONS_TABLE = "captions"
 METADATA_KEY = b"crossalign"  # JSON: mapper_id, dim, metric, image_encoder, text_encoder
 DEFAULT_METRIC = "cosine"
+METRICS = ("cosine", "l2", "dot")
+
+
+def check_metric(metric: str) -> str:
+    """`metric` if LanceDB can search by it, else a ValueError naming the allowed ones."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown distance metric {metric!r}: use one of {', '.join(METRICS)}")
+    return metric
 
 
 def _vector(dim: int) -> pa.Field:

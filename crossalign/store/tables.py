@@ -1,34 +1,52 @@
-"""Write joint embeddings to LanceDB: apply the mapper to cached features, upsert on id."""
+"""Write joint embeddings to LanceDB: apply a mapper to cached features, one table version per change.
+
+Each table holds the vectors of one mapper at a time, named in its metadata (the current mapper).
+Embedding a corpus with the table's mapper inserts only the items the table lacks (and deletes the
+items the corpus no longer has). Embedding with another mapper writes a new table version holding
+every corpus of the table re-embedded from its cached features, in one commit; the version each
+mapper last wrote is tagged with the mapper id, so older mappers' vectors stay readable
+(`open_table(..., mapper_id=...)`) until `cleanup_tables` compacts the tables and drops them.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 import torch
+from lancedb.index import FTS
 
-from crossalign.align.mapper import check_encoder, load_mapper
+from crossalign.align.mapper import JointMapper, check_encoder, load_mapper
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract.features import FeatureSet
 from crossalign.extract.shards import vectors_to_arrow
+from crossalign.store.index import ensure_index
 from crossalign.store.schema import (
     CAPTIONS_TABLE,
     DEFAULT_METRIC,
     IMAGES_TABLE,
     captions_schema,
+    check_metric,
     images_schema,
     table_metadata,
 )
-from crossalign.workspace import Workspace
+from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 8192
+DELETE_CHUNK = 1000
+
+
+class StoreMismatchError(ValueError):
+    """Vectors of another mapper or dimension offered to a table, or a mapper the table does not hold."""
 
 
 @dataclass
@@ -36,14 +54,32 @@ class EmbedSummary:
     """What one embed did (small: passed between Prefect tasks)."""
 
     mapper_id: str
-    images: int
+    images: int  # rows written by this embed
     captions: int
+    removed: int  # rows deleted because the corpus no longer has them
+    rebuilt: bool  # the tables switched to this mapper (every corpus re-embedded)
     images_in_table: int
     captions_in_table: int
     lancedb_uri: str
+    metric: str = DEFAULT_METRIC
+    index: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Modality:
+    table: str
+    modality: str  # "image" or "text": the mapper's side
+    id_column: str  # in the corpus table
+    columns: dict[str, str]  # output column -> corpus column
+
+
+MODALITIES = (
+    _Modality(IMAGES_TABLE, "image", "image_id", {"uri": "uri", "split": "split"}),
+    _Modality(CAPTIONS_TABLE, "text", "caption_id", {"text": "text", "image_id": "image_id", "split": "split"}),
+)
 
 
 def connect(workspace: Workspace) -> lancedb.DBConnection:
@@ -57,76 +93,300 @@ def table_names(db: lancedb.DBConnection) -> list[str]:
     return list(getattr(listed, "tables", listed))
 
 
-def embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None = None) -> EmbedSummary:
-    """Map every cached feature of `corpus` into the joint space and upsert it into LanceDB.
+def quote(value: str) -> str:
+    """`value` as an SQL string literal for LanceDB filters."""
+    return "'" + value.replace("'", "''") + "'"
 
-    Upserts are keyed on id, so re-running changes nothing. A table built by another mapper is
-    rebuilt: vectors of two mappers are never mixed in one table.
+
+def embed_corpus(
+    workspace: Workspace, corpus: str, mapper_id: str | None = None, metric: str = DEFAULT_METRIC,
+) -> EmbedSummary:
+    """Map the cached features of `corpus` into the joint space and write what the tables lack.
+
+    With the tables' own mapper and metric, only items new to the tables are mapped and inserted
+    (upserts on id), and items gone from the corpus are deleted: re-running changes nothing. With
+    another mapper (default: the workspace's current one) or metric, every corpus in the tables is
+    re-embedded from cached features into a new version, in one commit per table. Embeds into one
+    workspace run one at a time (a workspace lock, across processes), so two runs at once leave
+    exactly one row per item.
 
     Raises:
-        WorkspaceError: no mapper, or missing features.
+        WorkspaceError: no mapper, or missing features (of this corpus, or of another corpus the
+            tables hold, when switching mapper).
         MapperMismatchError: the features were made by other encoders than the mapper expects.
     """
+    check_metric(metric)
+    with workspace.lock("tables"):
+        return _embed_corpus(workspace, corpus, mapper_id, metric)
+
+
+def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metric: str) -> EmbedSummary:
     mapper_dir = workspace.mapper_dir(mapper_id) if mapper_id else workspace.require_current_mapper()
+    if not (mapper_dir / "config.json").exists():
+        raise WorkspaceError(f"no mapper {mapper_id} in {mapper_dir.parent}")
     model, config = load_mapper(mapper_dir)
     metadata = {
-        "mapper_id": config["mapper_id"], "dim": config["dim"], "metric": DEFAULT_METRIC,
+        "mapper_id": config["mapper_id"], "dim": config["dim"], "metric": metric,
         "image_encoder": config["image_encoder"], "text_encoder": config["text_encoder"],
     }
     db = connect(workspace)
-    images = read_images(workspace, corpus)
-    captions = read_captions(workspace, corpus)
-    n_images = _embed_rows(
-        db, IMAGES_TABLE, images_schema(config["dim"], metadata), workspace, corpus, "image", config,
-        ids=images.column("image_id").to_pylist(),
-        columns={"uri": images.column("uri"), "split": images.column("split")},
-        encode=model.encode_image,
-    )
-    n_captions = _embed_rows(
-        db, CAPTIONS_TABLE, captions_schema(config["dim"], metadata), workspace, corpus, "text", config,
-        ids=captions.column("caption_id").to_pylist(),
-        columns={"text": captions.column("text"), "image_id": captions.column("image_id"),
-                 "split": captions.column("split")},
-        encode=model.encode_text,
-    )
+    current = {m.table: _current_metadata(db, m.table) for m in MODALITIES}
+    rebuild = any({k: meta.get(k) for k in ("mapper_id", "metric")} != {k: metadata[k] for k in ("mapper_id", "metric")}
+                  for meta in current.values())
+    corpora = _corpora_in_tables(db) | {corpus} if rebuild else {corpus}
+    sources = {c: _Sources(workspace, c, config) for c in sorted(corpora)}  # all features found before writing
+    written, removed, plans = {}, 0, {}
+    for spec in MODALITIES:
+        schema = (images_schema if spec.modality == "image" else captions_schema)(config["dim"], metadata)
+        if rebuild:
+            table, written[spec.table] = _rebuild(db, spec, schema, sources, model)
+        else:
+            table, written[spec.table], gone = _update(db, spec, schema, sources[corpus], model)
+            removed += gone
+        changed = rebuild or written[spec.table] or removed
+        if changed:
+            _tag(table, config["mapper_id"])
+            plans[spec.table] = ensure_index(table, metric).describe()
+            if spec.table == CAPTIONS_TABLE:
+                table.create_index("text", config=FTS(), replace=True)
+    images, captions = db.open_table(IMAGES_TABLE), db.open_table(CAPTIONS_TABLE)
+    logger.info("embedded %s with %s: %d images, %d captions written, %d rows removed%s", corpus,
+                config["mapper_id"], written[IMAGES_TABLE], written[CAPTIONS_TABLE], removed,
+                " (tables rebuilt for this mapper)" if rebuild else "")
     return EmbedSummary(
-        mapper_id=config["mapper_id"], images=n_images, captions=n_captions,
-        images_in_table=db.open_table(IMAGES_TABLE).count_rows(),
-        captions_in_table=db.open_table(CAPTIONS_TABLE).count_rows(), lancedb_uri=str(workspace.lancedb_uri),
+        mapper_id=config["mapper_id"], images=written[IMAGES_TABLE], captions=written[CAPTIONS_TABLE],
+        removed=removed, rebuilt=rebuild, images_in_table=images.count_rows(), captions_in_table=captions.count_rows(),
+        lancedb_uri=str(workspace.lancedb_uri), metric=metric, index=plans.get(IMAGES_TABLE),
     )
 
 
-def _open_or_create(db: lancedb.DBConnection, name: str, schema: pa.Schema) -> Any:
-    wanted = table_metadata(schema)
-    if name in table_names(db):
-        table = db.open_table(name)
-        if table_metadata(table.schema).get("mapper_id") == wanted["mapper_id"]:
-            return table
-        logger.warning("table %s was built by another mapper: rebuilding it for %s", name, wanted["mapper_id"])
-    return db.create_table(name, schema=schema, mode="overwrite")
+class _Sources:
+    """One corpus's rows and cached features, for both modalities of a mapper."""
+
+    def __init__(self, workspace: Workspace, corpus: str, config: dict[str, Any]) -> None:
+        self.corpus = corpus
+        self.rows = {"image": read_images(workspace, corpus), "text": read_captions(workspace, corpus)}
+        self.features = {}
+        for modality in ("image", "text"):
+            features = FeatureSet.open(workspace, corpus, config[f"{modality}_encoder"]["encoder"])
+            check_encoder(config, modality, features.encoder)
+            self.features[modality] = features
+
+    def ids(self, spec: _Modality) -> list[str]:
+        """Ids of the corpus items that have features (items whose extraction failed are left out)."""
+        failed = self.features[spec.modality].failed
+        return [i for i in self.rows[spec.modality].column(spec.id_column).to_pylist() if i not in failed]
+
+    def batches(self, spec: _Modality, schema: pa.Schema, model: JointMapper, ids: list[str]) -> Iterator[pa.Table]:
+        """The joint rows of `ids`, `BATCH_ROWS` at a time."""
+        if not ids:
+            return
+        table = self.rows[spec.modality]
+        position = {item: i for i, item in enumerate(table.column(spec.id_column).to_pylist())}
+        _, features = self.features[spec.modality].read(ids)
+        project = model.encode_image if spec.modality == "image" else model.encode_text
+        mapper_id = table_metadata(schema)["mapper_id"]
+        for start in range(0, len(ids), BATCH_ROWS):
+            chunk = ids[start:start + BATCH_ROWS]
+            with torch.no_grad():
+                joint = project(torch.from_numpy(features[start:start + BATCH_ROWS])).numpy().astype(np.float32)
+            take = pa.array([position[item] for item in chunk])
+            arrays = {"id": pa.array(chunk, pa.string()), "vector": vectors_to_arrow(joint),
+                      "mapper_id": pa.array([mapper_id] * len(chunk), pa.string()),
+                      "corpus": pa.array([self.corpus] * len(chunk), pa.string()),
+                      **{out: table.column(column).take(take) for out, column in spec.columns.items()}}
+            yield pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema)
 
 
-def _embed_rows(
-    db: lancedb.DBConnection, name: str, schema: pa.Schema, workspace: Workspace, corpus: str, modality: str,
-    config: dict[str, Any], ids: list[str], columns: dict[str, pa.ChunkedArray],
-    encode: Callable[[torch.Tensor], torch.Tensor],
-) -> int:
-    features_set = FeatureSet.open(workspace, corpus, config[f"{modality}_encoder"]["encoder"])
-    check_encoder(config, modality, features_set.encoder)
-    failed = features_set.failed
-    keep = [i for i, item in enumerate(ids) if item not in failed]
-    keep_ids, features = features_set.read([ids[i] for i in keep])
-    table = _open_or_create(db, name, schema)
-    for start in range(0, len(keep), BATCH_ROWS):
-        rows = keep[start:start + BATCH_ROWS]
-        with torch.no_grad():
-            joint = encode(torch.from_numpy(features[start:start + BATCH_ROWS])).numpy().astype(np.float32)
-        take = pa.array(rows)
-        arrays = {"id": pa.array(keep_ids[start:start + BATCH_ROWS], pa.string()), "vector": vectors_to_arrow(joint),
-                  "mapper_id": pa.array([config["mapper_id"]] * len(rows), pa.string()),
-                  "corpus": pa.array([corpus] * len(rows), pa.string()),
-                  **{key: column.take(take) for key, column in columns.items()}}
-        batch = pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema)
-        table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
-    logger.info("%s: upserted %d rows of corpus %s", name, len(keep), corpus)
-    return len(keep)
+def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sources: dict[str, _Sources],
+             model: JointMapper) -> tuple[Any, int]:
+    """A new version of the table holding every corpus of `sources`, mapped by `model` (one commit)."""
+    written = 0
+
+    def tables() -> Iterator[pa.Table]:
+        nonlocal written
+        for source in sources.values():
+            for batch in source.batches(spec, schema, model, source.ids(spec)):
+                written += batch.num_rows
+                yield batch
+
+    with _Streamed(schema, (b for t in tables() for b in t.to_batches())) as data:
+        table = db.create_table(spec.table, data=data, schema=schema, mode="overwrite")
+    return table, written
+
+
+def _update(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, source: _Sources,
+            model: JointMapper) -> tuple[Any, int, int]:
+    """Insert the items of `source` the table lacks and delete those the corpus lost: (table, inserted, deleted)."""
+    table = db.open_table(spec.table)
+    stored = set(table.search().where(f"corpus = {quote(source.corpus)}").select(["id"]).limit(None)
+                 .to_arrow().column("id").to_pylist())
+    ids = source.ids(spec)
+    new = [item for item in ids if item not in stored]
+    gone = sorted(stored - set(ids))
+    if new:
+        upsert_rows(table, (b for t in source.batches(spec, schema, model, new) for b in t.to_batches()))
+    for start in range(0, len(gone), DELETE_CHUNK):
+        listed = ", ".join(quote(item) for item in gone[start:start + DELETE_CHUNK])
+        table.delete(f"corpus = {quote(source.corpus)} AND id IN ({listed})")
+    return table, len(new), len(gone)
+
+
+def upsert_rows(table: Any, rows: pa.Table | pa.RecordBatchReader | Iterator[pa.RecordBatch]) -> None:
+    """Upsert joint rows on id (one commit). Re-sending a row replaces it; nothing is duplicated.
+
+    Raises:
+        StoreMismatchError: the rows' vectors have another dimension than the table's, or were made
+            by another mapper than the one the table's metadata names.
+    """
+    schema, mapper_id = table.schema, table_metadata(table.schema).get("mapper_id")
+    have = schema.field("vector").type
+
+    def checked(batch: pa.RecordBatch) -> pa.RecordBatch:
+        wanted = batch.schema.field("vector").type
+        if not pa.types.is_fixed_size_list(wanted) or (wanted.list_size, wanted.value_type) != (
+                have.list_size, have.value_type):
+            offered = f"{wanted.list_size}-d {wanted.value_type}" if pa.types.is_fixed_size_list(wanted) else wanted
+            raise StoreMismatchError(
+                f"table {table.name} holds {have.list_size}-d {have.value_type} vectors; "
+                f"refusing rows of {offered} vectors"
+            )
+        found = set(batch.column("mapper_id").to_pylist()) - {mapper_id}
+        if found:
+            raise StoreMismatchError(
+                f"table {table.name} holds vectors of mapper {mapper_id}; refusing rows of {sorted(found)[0]}: "
+                "embed the corpus with that mapper to switch the table to it"
+            )
+        return batch.select(schema.names).cast(schema)
+
+    batches = rows.to_batches() if isinstance(rows, pa.Table) else rows
+    with _Streamed(table.schema, batches, checked) as data:
+        table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+
+class _Streamed:
+    """A RecordBatchReader over Python-made batches for LanceDB to consume, re-raising the first error
+    the batches raised as itself (LanceDB would wrap it in a RuntimeError naming the C data interface)."""
+
+    def __init__(self, schema: pa.Schema, batches: Any, check: Any = None) -> None:
+        self.error: BaseException | None = None
+
+        def guarded() -> Iterator[pa.RecordBatch]:
+            try:
+                for batch in batches:
+                    yield check(batch) if check else batch
+            except BaseException as err:
+                self.error = err
+                raise
+
+        self.reader = pa.RecordBatchReader.from_batches(schema, guarded())
+
+    def __enter__(self) -> pa.RecordBatchReader:
+        return self.reader
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if value is not None and self.error is not None and value is not self.error:
+            raise self.error from None
+
+
+def _current_metadata(db: lancedb.DBConnection, name: str) -> dict[str, Any]:
+    return table_metadata(db.open_table(name).schema) if name in table_names(db) else {}
+
+
+def _corpora_in_tables(db: lancedb.DBConnection) -> set[str]:
+    corpora: set[str] = set()
+    for spec in MODALITIES:
+        if spec.table in table_names(db):
+            column = db.open_table(spec.table).search().select(["corpus"]).limit(None).to_arrow().column("corpus")
+            corpora |= set(column.unique().to_pylist())
+    return corpora
+
+
+def _tag(table: Any, mapper_id: str) -> None:
+    """Tag the table's latest version with the mapper that wrote it."""
+    if mapper_id in table.tags.list():
+        table.tags.update(mapper_id, table.version)
+    else:
+        table.tags.create(mapper_id, table.version)
+
+
+def open_table(db: lancedb.DBConnection, name: str, mapper_id: str | None = None) -> Any:
+    """A joint table as the mapper `mapper_id` wrote it (default: the current version).
+
+    Raises:
+        WorkspaceError: no such table.
+        StoreMismatchError: the table holds no vectors of that mapper (any more), naming those it holds.
+    """
+    if name not in table_names(db):
+        raise WorkspaceError(f"no {name} table in {db.uri}: run `crossalign run` or `crossalign embed` first")
+    table = db.open_table(name)
+    current = table_metadata(table.schema).get("mapper_id")
+    if mapper_id is None or mapper_id == current:
+        return table
+    if mapper_id not in table.tags.list():
+        older = sorted(set(table.tags.list()) - {current})
+        raise StoreMismatchError(
+            f"table {name} holds no vectors of mapper {mapper_id}: current {current}"
+            + (f", older {', '.join(older)}" if older else "")
+            + f"; run `crossalign embed --mapper {mapper_id}` to embed with it"
+        )
+    table.checkout(mapper_id)
+    return table
+
+
+@dataclass
+class MapperVersion:
+    """One mapper's vectors in one table."""
+
+    table: str
+    mapper_id: str
+    version: int
+    current: bool
+    rows: int
+
+
+def mapper_versions(workspace: Workspace) -> list[MapperVersion]:
+    """Every mapper whose vectors the tables hold, the current one first per table."""
+    db = connect(workspace)
+    found = []
+    for spec in MODALITIES:
+        if spec.table not in table_names(db):
+            continue
+        table = db.open_table(spec.table)
+        current = table_metadata(table.schema).get("mapper_id")
+        for mapper_id, tag in sorted(table.tags.list().items(), key=lambda kv: -kv[1]["version"]):
+            rows = table.count_rows() if mapper_id == current else open_table(db, spec.table, mapper_id).count_rows()
+            found.append(MapperVersion(spec.table, mapper_id, tag["version"], mapper_id == current, rows))
+    return found
+
+
+def cleanup_tables(workspace: Workspace) -> dict[str, dict[str, Any]]:
+    """Compact each table and delete every version but the current one, older mappers' vectors included.
+
+    Older mappers can be re-embedded from the cached features (`crossalign embed --mapper ID`).
+    Returns, per table, the versions before and after and the mappers whose vectors were dropped.
+    """
+    with workspace.lock("tables"):
+        return _cleanup_tables(workspace)
+
+
+def _cleanup_tables(workspace: Workspace) -> dict[str, dict[str, Any]]:
+    db = connect(workspace)
+    report = {}
+    for spec in MODALITIES:
+        if spec.table not in table_names(db):
+            continue
+        table = db.open_table(spec.table)
+        current = table_metadata(table.schema).get("mapper_id")
+        before, tags = len(table.list_versions()), table.tags.list()
+        for tag in tags:
+            table.tags.delete(tag)
+        with warnings.catch_warnings():  # "removes every version except the latest": what this command is for
+            warnings.filterwarnings("ignore", message="optimize.cleanup_older_than=0")
+            table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        if current:
+            _tag(table, current)
+        report[spec.table] = {"versions_before": before, "versions_after": len(table.list_versions()),
+                              "dropped_mappers": sorted(set(tags) - {current})}
+        logger.info("%s: %d versions -> %d", spec.table, before, report[spec.table]["versions_after"])
+    return report
