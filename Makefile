@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: demo test install system-deps clean-demo
+.PHONY: demo test install system-deps browser-deps clean-demo
 
 # torch/torchvision first, pinned: pip takes this pair from the machine's local wheels
 # (a plain `torch` requirement would download a multi-GB CUDA build).
@@ -30,7 +30,14 @@ install: $(STAMP)
 system-deps:
 	@test -f $(FASHION_MNIST) || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+# Tests only: headless Chromium (tests/test_ui.py renders the Prefect UI with it) from Debian's chromium,
+# with a font named explicitly because it is only a recommendation of the package.
+browser-deps:
+	@{ command -v chromium && test -d /usr/share/fonts/truetype/liberation; } >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-liberation; }
 
 demo: $(STAMP) system-deps
 	$(BIN)/crossalign fashion-mnist --out $(DEMO)/fashion-mnist --train 2000 --dev 500
@@ -39,7 +46,7 @@ demo: $(STAMP) system-deps
 	  --query "A photo of a sneaker." --query "A photo of a dress." --query "A photo of a bag."
 	$(BIN)/crossalign search --workspace $(DEMO)/workspace --text "A product photo of an ankle boot." --limit 5
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps browser-deps
 	$(BIN)/python -m pytest
 
 clean-demo:

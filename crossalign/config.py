@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -106,6 +106,42 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class StoreConfig(_Section):
+    """The LanceDB tables: which mapper's vectors they hold and how they are searched."""
+
+    metric: Literal["cosine", "l2", "dot"] = Field(
+        default="cosine", description="Distance of the vector index and searches (the vectors are unit length)."
+    )
+    mapper_id: str | None = Field(
+        default=None, description="Embed with this mapper instead of the workspace's current one."
+    )
+
+
+class RunnerConfig(_Section):
+    """Where the shard-level extraction tasks run: Prefect's thread pool, or a Dask cluster (prefect-dask)."""
+
+    kind: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="'threads': a thread pool in the flow's process; 'dask': prefect-dask's DaskTaskRunner, on "
+        "dask_address or on a new LocalCluster of dask_workers spawned processes (needs prefect-dask).",
+    )
+    max_workers: int = Field(default=2, gt=0, description="threads: shard tasks that run at once.")
+    dask_address: str | None = Field(
+        default=None,
+        description="dask: scheduler address of a running cluster (tcp://host:8786); its workers must see the "
+        "workspace at the same path. Unset: a LocalCluster is started for the run and closed after it.",
+    )
+    dask_workers: int = Field(
+        default=2, gt=0, description="dask, new LocalCluster: worker processes (one task at a time each)."
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerConfig:
+        if self.dask_address and self.kind != "dask":
+            raise ValueError(f"dask_address is set but kind is {self.kind!r}: set kind to 'dask' to use it")
+        return self
+
+
 class PipelineConfig(_Section):
     """Everything one pipeline run needs."""
 
@@ -113,6 +149,8 @@ class PipelineConfig(_Section):
     corpus: CorpusConfig
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     queries: list[str] = Field(
         default_factory=list,
         description="Text queries to run after embedding, as a sample; default: three captions of the eval split.",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ class Workspace:
         mappers/<mapper_id>/{model.safetensors,config.json,metrics.json}
         mappers/CURRENT                   id of the mapper the tables were built with
         lancedb/                          the LanceDB database
+        .locks/                           lock files of work that two runs must not do at once
     """
 
     root: Path
@@ -78,11 +83,34 @@ class Workspace:
     def set_current_mapper(self, mapper_id: str) -> None:
         write_text_atomic(self._current_mapper_file, mapper_id + "\n")
 
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the workspace-wide lock `name` (blocking) against other processes and threads (see `file_lock`)."""
+        with file_lock(self.root / ".locks" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.lock"):
+            yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if missing) until the block ends; blocks while another holds it.
+
+    Each call opens the file anew, so the lock excludes other threads of this process as well as other
+    processes (on other machines too where the shared filesystem supports locks, as NFS v4 does). The
+    kernel drops the lock when its holder dies, so a killed run never leaves the workspace locked.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # unique per writer
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -5,26 +5,33 @@ from typing import Any
 from prefect import flow
 
 from crossalign.config import PipelineConfig
+from crossalign.workspace import Workspace
 from flows import tasks
+from flows.extract import extract_stage
 
 
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage in order, skipping work already done (features and a compatible mapper are reused).
 
+    Publishes artifacts a person reads in the UI: ingest summary with the first rejects, extraction throughput,
+    retrieval metrics with the recall@K plot, the training curve, sample searches.
+
     Returns small summaries of each stage: counts, throughput, the eval-split metrics, sample searches.
     """
     ingested = tasks.ingest(config)
-    extracted = [tasks.extract_images(config), tasks.extract_captions(config)]
+    extracted = extract_stage(config)
     tasks.publish_throughput(extracted)
-    mapper_id = tasks.find_reusable_mapper(config)
-    if mapper_id is None:
-        trained = tasks.train(config)
-        metrics = trained["metrics"] | {"mapper_id": trained["mapper_id"]}
+    with Workspace(config.workspace).lock("mapper"):  # a run started alongside waits, then reuses this mapper
+        mapper_id = tasks.find_reusable_mapper(config)
+        trained = tasks.train(config) if mapper_id is None else None
+    if trained is not None:
+        mapper_id = trained["mapper_id"]
+        metrics = trained["metrics"] | {"mapper_id": mapper_id}
     else:
-        trained = None
         metrics = tasks.evaluate(config, config.train.eval_split)
-    tasks.publish_metrics(metrics, config.train.eval_split)
+    tasks.publish_metrics(config, metrics, mapper_id)
+    tasks.publish_training_curve(config, mapper_id)
     embedded = tasks.embed(config)
     samples = tasks.sample_searches(config)
     return {"ingest": ingested, "extract": extracted, "train": trained, "metrics": metrics,

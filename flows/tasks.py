@@ -2,22 +2,70 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from crossalign.align import evaluate_current_mapper, fit_mapper, metrics_table, reusable_mapper
+from crossalign.align.report import SavedReport, plot_training_curve, png_data_url, read_report
 from crossalign.config import PipelineConfig
 from crossalign.corpus import first_captions, ingest_corpus
-from crossalign.extract import extract_image_features, extract_text_features
+from crossalign.extract import (
+    ExtractSummary,
+    FeatureMismatchError,
+    ShardPlan,
+    combine_shard_summaries,
+    extract_image_features,
+    extract_text_features,
+    plan_shards,
+)
 from crossalign.search import Searcher
 from crossalign.store import embed_corpus
-from crossalign.workspace import Workspace
+from crossalign.workspace import Workspace, WorkspaceError
+
+FIRST_REJECTS = 10  # rejects listed in the ingest artifact; the whole table is in the workspace
 
 
 def _workspace(config: PipelineConfig) -> Workspace:
     return Workspace(config.workspace)
+
+
+def _cell(value: object, width: int = 120) -> str:
+    """`value` as one Markdown table cell: one line, pipes escaped, at most `width` characters."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= width else text[:width - 1] + "…"
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+def _first_rejects_markdown(rejects_table: str, rejected: int) -> str:
+    rows = pq.read_table(rejects_table).slice(0, FIRST_REJECTS).to_pylist()
+    lines = "".join(f"| {_cell(r['kind'])} | {_cell(r['reason'])} | {_cell(r['source'])} | {_cell(r['message'])} |\n"
+                    for r in rows)
+    return (f"\n\n#### First {len(rows)} of {rejected} rejects\n\n| kind | reason | source | message |\n"
+            f"|---|---|---|---|\n{lines}\nAll rejects: `{rejects_table}`\n")
+
+
+def _recall_plot_markdown(report: SavedReport) -> str:
+    if report.recall_plot is None:
+        return (f"No recall@K plot saved for mapper `{report.mapper_id}` (trained before plots were written); "
+                "train a new one with `--retrain` to get it.")
+    return (f"#### Recall@K of `{report.title}`\n\n"
+            f"![recall@K]({png_data_url(Path(report.recall_plot).read_bytes())})\n")
+
+
+def _training_curve_markdown(report: SavedReport) -> str:
+    if not report.history:
+        return f"Mapper `{report.mapper_id}` was fitted in closed form: no training curve."
+    rows = "".join(f"| {r['step']:g} | {r['loss']:.4f} | {r['dev_rsum']:.1f} |\n" for r in report.history)
+    return (f"### Training curve of `{report.title}`\n\n"
+            f"![training curve]({png_data_url(plot_training_curve(report.history, report.title))})\n\n"
+            f"| step | loss | dev rsum |\n|---:|---:|---:|\n{rows}")
 
 
 @task(name="ingest")
@@ -32,28 +80,64 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
         markdown=(f"### Ingest of `{summary['corpus']}`\n\n{summary['images']} images, {summary['captions']} "
                   f"captions accepted; {summary['normalised']} normalised; {summary['rejected']} rejected; "
                   f"{summary['added']} images new since the last ingest, {summary['removed']} gone.\n\n"
-                  + (f"| reason | count |\n|---|---:|\n{reasons}" if reasons else "")),
+                  + (f"| reason | count |\n|---|---:|\n{reasons}" if reasons else "")
+                  + (_first_rejects_markdown(summary["rejects_table"], summary["rejected"])
+                     if summary["rejected"] else "")),
     )
     return summary
 
 
-@task(name="extract-images", retries=1, retry_delay_seconds=5)
-def extract_images(config: PipelineConfig, split: str | None = None) -> dict[str, Any]:
-    e = config.extract
-    return extract_image_features(
-        _workspace(config), config.corpus.corpus_name, e.image_encoder, device=e.device, precision=e.precision,
-        batch_size=e.image_batch_size, shard_size=e.shard_size, num_workers=e.num_workers, decode=e.decode,
-        split=split,
-    ).to_dict()
+def _encoder_name(config: PipelineConfig, modality: str) -> str:
+    return config.extract.image_encoder if modality == "image" else config.extract.text_encoder
 
 
-@task(name="extract-captions", retries=1, retry_delay_seconds=5)
-def extract_captions(config: PipelineConfig, split: str | None = None) -> dict[str, Any]:
-    e = config.extract
-    return extract_text_features(
-        _workspace(config), config.corpus.corpus_name, e.text_encoder, device=e.device, precision=e.precision,
-        batch_size=e.text_batch_size, shard_size=e.shard_size, split=split,
-    ).to_dict()
+@task(name="plan-shards", task_run_name="plan-{modality}-shards")
+def plan_extraction(config: PipelineConfig, modality: str) -> dict[str, Any]:
+    """The ids of `modality` that lack features, in chunks of `shard_size` (reads manifests; loads no model)."""
+    return plan_shards(_workspace(config), config.corpus.corpus_name, modality, _encoder_name(config, modality),
+                       config.extract.shard_size).to_dict()
+
+
+def _retry_unless_setup_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a shard that failed for a passing reason; features of another encoder or a missing corpus stay wrong."""
+    try:
+        state.result()
+    except (FeatureMismatchError, WorkspaceError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may pass (out of memory, a flaky filesystem): retry
+        return True
+    return True
+
+
+@task(name="extract-shard", task_run_name="extract-{modality}-shard-{number}", retries=1, retry_delay_seconds=2,
+      retry_condition_fn=_retry_unless_setup_error)
+def extract_shard(config: PipelineConfig, modality: str, number: int, ids: list[str]) -> dict[str, Any]:
+    """Encode planned shard `number` (`ids`) of `modality`: its summary, when it started and finished, and where.
+
+    Runs on a thread or a Dask worker alike: it gets names and paths only; the encoder is loaded once per process.
+    """
+    e, workspace, corpus, started = config.extract, _workspace(config), config.corpus.corpus_name, time.time()
+    if modality == "image":
+        summary = extract_image_features(
+            workspace, corpus, e.image_encoder, device=e.device, precision=e.precision, batch_size=e.image_batch_size,
+            shard_size=e.shard_size, num_workers=e.num_workers, decode=e.decode, only_ids=ids,
+        )
+    else:
+        summary = extract_text_features(workspace, corpus, e.text_encoder, device=e.device, precision=e.precision,
+                                        batch_size=e.text_batch_size, shard_size=e.shard_size, only_ids=ids)
+    return {"summary": summary.to_dict(), "started": started, "finished": time.time(),
+            "process": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+@task(name="summarise-extraction", task_run_name="summarise-{modality}-extraction")
+def summarise_extraction(config: PipelineConfig, modality: str, plan: dict[str, Any],
+                         shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of a modality's finished shards; its time is theirs from the first start to the last end,
+    and `processes` says how many processes (Dask workers, or the flow's own) ran them."""
+    seconds = max(s["finished"] for s in shards) - min(s["started"] for s in shards) if shards else 0.0
+    summary = combine_shard_summaries(ShardPlan(**plan), [ExtractSummary(**s["summary"]) for s in shards], seconds,
+                                      config.extract.precision)
+    return summary.to_dict() | {"processes": len({s["process"] for s in shards})}
 
 
 @task(name="publish-throughput")
@@ -87,22 +171,33 @@ def evaluate(config: PipelineConfig, split: str) -> dict[str, Any]:
 
 
 @task(name="publish-metrics")
-def publish_metrics(metrics: dict[str, Any], split: str) -> None:
-    create_markdown_artifact(key="retrieval-metrics", description=f"Retrieval metrics on {split}",
-                             markdown=f"### Retrieval on `{split}` (mapper `{metrics.get('mapper_id', '')}`)\n\n"
-                                      + metrics_table(metrics))
+def publish_metrics(config: PipelineConfig, metrics: dict[str, Any], mapper_id: str) -> None:
+    """The metrics table on the eval split and the mapper's recall@K plot (inline PNG), in one artifact."""
+    split = config.train.eval_split
+    report = read_report(_workspace(config).mapper_dir(mapper_id))
+    create_markdown_artifact(key="retrieval-metrics", description=f"Retrieval metrics on {split} and recall@K plot",
+                             markdown=f"### Retrieval on `{split}` (mapper `{mapper_id}`)\n\n"
+                                      + metrics_table(metrics) + "\n\n" + _recall_plot_markdown(report))
+
+
+@task(name="publish-training-curve")
+def publish_training_curve(config: PipelineConfig, mapper_id: str) -> None:
+    report = read_report(_workspace(config).mapper_dir(mapper_id))
+    create_markdown_artifact(key="training-curve", description=f"Training curve of mapper {mapper_id}",
+                             markdown=_training_curve_markdown(report))
 
 
 @task(name="embed")
 def embed(config: PipelineConfig) -> dict[str, Any]:
-    return embed_corpus(_workspace(config), config.corpus.corpus_name).to_dict()
+    return embed_corpus(_workspace(config), config.corpus.corpus_name, mapper_id=config.store.mapper_id,
+                        metric=config.store.metric).to_dict()
 
 
 @task(name="sample-searches")
 def sample_searches(config: PipelineConfig, limit: int = 3) -> list[dict[str, Any]]:
     queries = config.queries or first_captions(_workspace(config), config.corpus.corpus_name,
                                                config.train.eval_split, images=3)
-    searcher = Searcher(_workspace(config), config.extract.device, config.extract.precision)
+    searcher = Searcher(_workspace(config), device=config.extract.device, precision=config.extract.precision)
     samples = [{"query": q, "hits": [h.to_dict() for h in searcher.text_to_image(q, limit)]} for q in queries]
     lines = [f"**{s['query']}**\n" + "".join(f"{h['rank']}. `{h['uri']}` ({h['score']:.3f})\n" for h in s["hits"])
              for s in samples]

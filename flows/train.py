@@ -12,5 +12,6 @@ from flows import tasks
 def train_flow(config: PipelineConfig) -> dict[str, Any]:
     """Train a mapper on `config.train.train_split` and make it the workspace's current one."""
     summary = tasks.train(config)
-    tasks.publish_metrics(summary["metrics"], config.train.eval_split)
+    tasks.publish_metrics(config, summary["metrics"] | {"mapper_id": summary["mapper_id"]}, summary["mapper_id"])
+    tasks.publish_training_curve(config, summary["mapper_id"])
     return summary

@@ -115,7 +115,7 @@ def test_evaluate_json(cli_workspace):
     result = runner.invoke(app, ["evaluate", "--workspace", str(workspace), "--corpus", str(corpus),
                                  "--split", "dev", "--json"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output.strip().splitlines()[-1])
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])  # logs go to stderr
     six = [metrics[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
     assert metrics["rsum"] == pytest.approx(sum(six), abs=0.05)
     assert metrics["split"] == "dev" and metrics["t2i_medr"] >= 1

@@ -444,3 +444,73 @@ def test_nvjpeg_features_never_share_a_directory_with_pil_decoded_ones(extracted
     assert describe_with_decoder(encoder, "threads") == encoder.describe()  # PIL paths: the same features
     with pytest.raises(FeatureMismatchError, match="differs in: preprocessing"):
         FeatureManifest.open_for(image_dir(workspace), describe_with_decoder(encoder, "nvjpeg"))
+
+
+def test_a_shard_holding_ids_another_writer_recorded_keeps_only_the_new_rows(ingested: Workspace) -> None:
+    """Two writers (two processes, say) encoded overlapping ids: the later commit drops what the earlier recorded."""
+    from crossalign.extract.shards import ShardWriter
+
+    description = load_encoder(IMAGE_ENCODER, **ENCODER_RUNTIME).describe()
+    first, second = ShardWriter(image_dir(ingested), description), ShardWriter(image_dir(ingested), description)
+    vectors = np.arange(3 * 1280, dtype=np.float32).reshape(3, 1280)
+
+    first.write(["a", "b"], vectors[:2])
+    second.note_failed("a", "OSError: simulated")  # stale: the first writer encoded it
+    path = second.write(["b", "c"], vectors[1:])
+
+    assert (first.dropped, second.dropped) == (0, 1)
+    assert pq.read_table(path).column("id").to_pylist() == ["c"]
+    ids, stored = read_features(image_dir(ingested))
+    assert ids == ["a", "b", "c"] and np.array_equal(stored, vectors)
+    manifest = FeatureManifest.load(image_dir(ingested))
+    assert [shard["rows"] for shard in manifest.shards] == [2, 1] and manifest.failed == {}
+    assert not list(image_dir(ingested).glob(".part-*"))
+
+
+def test_overlapping_extractions_at_once_store_each_item_once(ingested: Workspace) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = image_ids(ingested)
+    with ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(extract_images, ingested, only_ids=chunk) for chunk in (ids[:8], ids[4:])]
+        summaries = [call.result() for call in calls]
+
+    stored, _ = read_features(image_dir(ingested))
+    assert len(stored) == len(set(stored)) == 12 and set(stored) == set(ids)
+    assert sum(s.encoded for s in summaries) == 12 and all(s.encoded + s.already_done == 8 for s in summaries)
+    assert sum(shard["rows"] for shard in FeatureManifest.load(image_dir(ingested)).shards) == 12
+
+
+def test_an_extraction_waits_for_the_claim_on_its_ids(ingested: Workspace) -> None:
+    import threading
+
+    from crossalign.extract.manifest import claim
+
+    ids = image_ids(ingested)
+    with claim(image_dir(ingested), ids):  # as a run encoding exactly these ids would hold it
+        worker = threading.Thread(target=extract_images, args=(ingested,))
+        worker.start()
+        worker.join(timeout=2)
+        assert worker.is_alive() and FeatureManifest.load(image_dir(ingested)) is None
+    worker.join(timeout=120)
+    assert not worker.is_alive() and sorted(read_features(image_dir(ingested))[0]) == sorted(ids)
+
+
+def test_plan_cuts_the_missing_ids_into_shards(extracted: tuple[Path, Workspace]) -> None:
+    from crossalign.extract import plan_shards
+
+    corpus, workspace = extracted
+    write_records(corpus, [write_picture(corpus, i, "train") for i in (12, 13, 14, 15, 16)], mode="a")
+    ingest_corpus(corpus, workspace, CORPUS)
+    new = [item for item in image_ids(workspace) if item not in read_features(image_dir(workspace))[0]]
+
+    plan = plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2)
+
+    assert (plan.total, plan.already_done) == (17, 12) and plan.shards == [new[:2], new[2:4], new[4:]]
+    composite = plan_shards(workspace, CORPUS, "image", f"{IMAGE_ENCODER},{IMAGE_ENCODER}+flip", shard_size=8)
+    assert composite.already_done == 0 and [len(s) for s in composite.shards] == [8, 8, 1]  # +flip: never extracted
+    summary = extract_images(workspace, only_ids=plan.shards[1])
+    assert (summary.encoded, summary.already_done) == (2, 0)
+    assert plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2).shards == [new[:2], new[4:]]
+    with pytest.raises(ValueError, match="use one of image, text"):
+        plan_shards(workspace, CORPUS, "audio", IMAGE_ENCODER, shard_size=2)

@@ -1,8 +1,17 @@
-"""A report per trained mapper: the metrics table (Markdown) and a recall@K plot (PNG), beside metrics.json."""
+"""A report per trained mapper: the metrics table (Markdown) and a recall@K plot (PNG), beside metrics.json.
+
+Also the readers that turn a saved report into pictures a person can look at (PNG bytes, `data:` URLs);
+the library never knows where they are shown.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,7 +19,14 @@ from crossalign.align.data import PairedFeatures
 from crossalign.align.mapper import JointMapper
 from crossalign.align.metrics import metrics_table, retrieval_ranks
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 MAX_K = 50
+RECALL_PLOT = "recall_at_k.png"
+# 600 x 400 pixels: a line plot of a few tens of KB, small enough to inline as a data: URL.
+PLOT_SIZE_INCHES = (6, 4)
+PLOT_DPI = 100
 
 
 @torch.no_grad()
@@ -23,15 +39,18 @@ def recall_curves(model: JointMapper, data: PairedFeatures, max_k: int = MAX_K) 
             for name, ranks in (("text → image", t2i), ("image → text", i2t))}
 
 
+def _figure() -> Figure:
+    # The object API, not pyplot: no global figure state, so tasks drawing in threads do not collide.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI)
+
+
 def write_report(directory: Path, title: str, metrics: dict[str, float], curves: dict[str, list[float]]) -> dict:
     """Write `report.md` and `recall_at_k.png` into `directory`; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-
     directory = Path(directory)
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = _figure()
+    axes = figure.subplots()
     for name, recalls in curves.items():
         axes.plot(range(1, len(recalls) + 1), recalls, label=name)
     axes.set(xlabel="K", ylabel="recall@K (%)", ylim=(0, 100), xlim=(1, len(next(iter(curves.values())))),
@@ -39,9 +58,71 @@ def write_report(directory: Path, title: str, metrics: dict[str, float], curves:
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    plot = directory / "recall_at_k.png"
-    figure.savefig(plot)
-    plt.close(figure)
+    plot = directory / RECALL_PLOT
+    figure.savefig(plot, format="png")
     report = directory / "report.md"
     report.write_text(f"## {title}\n\n{metrics_table(metrics)}\n\n![recall@K]({plot.name})\n")
     return {"report": str(report), "plot": str(plot)}
+
+
+def plot_training_curve(history: list[dict[str, float]], title: str) -> bytes:
+    """A PNG of a training curve: running loss (left axis) and dev rsum (right axis) against the step.
+
+    Args:
+        history: rows of {step, loss, dev_rsum}, as `fit_mapper` records them; must not be empty.
+        title: the plot's title.
+
+    Raises:
+        ValueError: `history` is empty (a closed-form mapper has no curve).
+    """
+    if not history:
+        raise ValueError("no training history to plot")
+    steps = [row["step"] for row in history]
+    figure = _figure()
+    loss_axes = figure.subplots()
+    loss_line, = loss_axes.plot(steps, [row["loss"] for row in history], color="C0", label="training loss")
+    loss_axes.set(xlabel="step", ylabel="training loss", title=title)
+    loss_axes.grid(alpha=0.3)
+    rsum_axes = loss_axes.twinx()
+    rsum_line, = rsum_axes.plot(steps, [row["dev_rsum"] for row in history], color="C1", marker=".",
+                                label="dev rsum")
+    rsum_axes.set(ylabel="dev rsum", ylim=(0, 600))  # rsum sums six recalls in percent
+    # below the axes: a legend inside would hide part of one curve or the other
+    figure.legend(handles=[loss_line, rsum_line], loc="lower center", ncols=2, frameon=False)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return png.getvalue()
+
+
+def png_data_url(png: bytes) -> str:
+    """`png` as a `data:image/png;base64,...` URL, to show a plot where only a URL fits (Markdown, HTML)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+@dataclass
+class SavedReport:
+    """What `fit_mapper` saved beside a mapper: where it was selected, its training curve and recall@K plot."""
+
+    mapper_id: str
+    corpus: str
+    split: str
+    history: list[dict[str, float]]
+    recall_plot: Path | None  # None for a mapper saved before plots were written
+
+    @property
+    def title(self) -> str:
+        return f"{self.mapper_id} on {self.corpus}:{self.split}"
+
+
+def read_report(mapper_dir: Path) -> SavedReport:
+    """Read the report saved in `mapper_dir` (its `metrics.json` and, when present, `recall_at_k.png`).
+
+    Raises:
+        FileNotFoundError: `mapper_dir` holds no `metrics.json`, i.e. no trained mapper.
+    """
+    mapper_dir = Path(mapper_dir)
+    saved = json.loads((mapper_dir / "metrics.json").read_text())
+    plot = mapper_dir / RECALL_PLOT
+    return SavedReport(mapper_id=mapper_dir.name, corpus=saved.get("corpus", ""), split=saved.get("split", ""),
+                       history=saved.get("history", []), recall_plot=plot if plot.exists() else None)

@@ -3,51 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from crossalign.corpus import read_captions, read_images
-from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
+from crossalign.encoders import ImageEncoder, TextEncoder
 from crossalign.encoders.composite import SEPARATOR, composite_parts
-from crossalign.extract.manifest import FeatureManifest
-from crossalign.extract.shards import ShardWriter, done_ids
+from crossalign.extract.encoding import (
+    BackoffEncoder,  # noqa: F401 - importable from here, as before the split
+    ExtractSummary,
+    load_encoder_once,
+    run_extraction,
+)
 from crossalign.workspace import Workspace
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractSummary:
-    """What one extraction did (small: passed between Prefect tasks)."""
-
-    encoder: str
-    modality: str
-    encoded: int
-    already_done: int
-    failed: int
-    seconds: float
-    items_per_s: float
-    features_dir: str
-    precision: str
-    wait_s: float = 0.0  # waiting for decoded inputs
-    encode_s: float = 0.0  # in the encoder's forward
-    write_s: float = 0.0  # writing shards
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ImageFiles(Dataset):
@@ -189,9 +168,9 @@ def default_num_workers() -> int:
 def extract_image_features(
     workspace: Workspace, corpus: str, encoder_name: str = "efficientnet-lite0", *, device: str = "auto",
     precision: str = "auto", batch_size: int | None = None, shard_size: int = 4096, num_workers: int | None = None,
-    split: str | None = None, decode: str = "threads",
+    split: str | None = None, decode: str = "threads", only_ids: list[str] | None = None,
 ) -> ExtractSummary:
-    """Encode the corpus images that have no features yet for `encoder_name`.
+    """Encode the corpus images that have no features yet for `encoder_name` (of them, only `only_ids` if given).
 
     Decoding runs in `num_workers` spawned processes (default: CPU cores - 1, at most 8; the main
     process runs the model). `batch_size` defaults to 32 on the CPU (measured fastest for Lite0 here)
@@ -203,6 +182,11 @@ def extract_image_features(
     against 1,268 with threads (ResNet-50 bf16), but its pixels differ from PIL's enough to move
     Lite0's features (cosine 0.991 at worst), so the manifest records it and the two never mix.
 
+    Several calls may run at once on one features directory (threads, processes, machines): each
+    writes only ids no other call recorded first (see `ShardWriter`), and a call whose ids another
+    call is encoding waits for it and then skips them (see `claim`). `only_ids` (one planned shard,
+    see `plan_shards`) lets a task per shard run anywhere.
+
     Returns:
         An `ExtractSummary`.
 
@@ -213,12 +197,12 @@ def extract_image_features(
         raise ValueError(f"unknown decode mode {decode!r}: use one of {', '.join(DECODE_MODES)}")
     if SEPARATOR in encoder_name:  # several image encoders: each part into its own features directory
         options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
-                   "num_workers": num_workers, "split": split, "decode": decode}
+                   "num_workers": num_workers, "split": split, "decode": decode, "only_ids": only_ids}
         parts = [extract_image_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
         return combine_summaries(encoder_name, parts)
-    encoder = load_encoder(encoder_name, device, precision)
+    encoder = load_encoder_once(encoder_name, device, precision)
     assert isinstance(encoder, ImageEncoder), f"{encoder_name} is not an image encoder"
-    images = read_images(workspace, corpus, split)
+    images = _only(read_images(workspace, corpus, split), "image_id", only_ids)
     ids, uris = images.column("image_id").to_pylist(), images.column("uri").to_pylist()
     size = encoder.preprocessing.get("size", 224)
     directory = workspace.features_dir(corpus, encoder.name)
@@ -255,8 +239,8 @@ def extract_image_features(
     # With the model on a GPU the main process needs few CPU threads; idle OpenMP threads spinning there
     # would take the cores that the decode workers need.
     with _torch_threads(min(4, torch.get_num_threads()) if on_gpu else None):
-        return _run_extraction(encoder, ids, directory, batches, encoder.encode, shard_size,
-                               description=describe_with_decoder(encoder, decode))
+        return run_extraction(encoder, ids, directory, batches, encoder.encode, shard_size,
+                              description=describe_with_decoder(encoder, decode))
 
 
 def combine_summaries(name: str, parts: list[ExtractSummary]) -> ExtractSummary:
@@ -285,6 +269,13 @@ def describe_with_decoder(encoder: ImageEncoder, decode: str) -> dict[str, Any]:
     return description
 
 
+def _only(table: pa.Table, id_column: str, ids: list[str] | None) -> pa.Table:
+    """The rows of `table` whose id is in `ids` (all rows when `ids` is None)."""
+    if ids is None:
+        return table
+    return table.filter(pc.is_in(table.column(id_column), pa.array(ids, pa.string())))
+
+
 @contextlib.contextmanager
 def _torch_threads(count: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
@@ -299,11 +290,12 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 def extract_text_features(
     workspace: Workspace, corpus: str, encoder_name: str = "minilm-l6", *, device: str = "auto",
     precision: str = "auto", batch_size: int = 256, shard_size: int = 4096, split: str | None = None,
+    only_ids: list[str] | None = None,
 ) -> ExtractSummary:
     """Encode the corpus captions that have no features yet for `encoder_name` (see `extract_image_features`)."""
-    encoder = load_encoder(encoder_name, device, precision)
+    encoder = load_encoder_once(encoder_name, device, precision)
     assert isinstance(encoder, TextEncoder), f"{encoder_name} is not a text encoder"
-    captions = read_captions(workspace, corpus, split)
+    captions = _only(read_captions(workspace, corpus, split), "caption_id", only_ids)
     ids, texts = captions.column("caption_id").to_pylist(), captions.column("text").to_pylist()
     directory = workspace.features_dir(corpus, encoder.name)
 
@@ -317,104 +309,4 @@ def extract_text_features(
         unique, inverse = np.unique(np.asarray(batch, dtype=object), return_inverse=True)
         return encoder.encode(list(unique), batch_size=batch_size)[torch.from_numpy(inverse)]
 
-    return _run_extraction(encoder, ids, directory, batches, encode_unique, shard_size)
-
-
-class BackoffEncoder:
-    """Calls `encode` on a batch; on CUDA out-of-memory, retries in halves instead of failing.
-
-    The smaller size is remembered, so later batches go straight to it.
-    """
-
-    def __init__(self, encode: Callable[[Any], torch.Tensor]) -> None:
-        self.encode = encode
-        self.max_rows: int | None = None
-
-    def __call__(self, inputs: Any) -> torch.Tensor:
-        step, start, outputs = self.max_rows or len(inputs), 0, []
-        while start < len(inputs):
-            chunk = inputs[start:start + step]
-            try:
-                outputs.append(self.encode(chunk))
-            except torch.cuda.OutOfMemoryError:
-                if step == 1:
-                    raise
-                torch.cuda.empty_cache()
-                step = self.max_rows = max(1, step // 2)
-                logger.warning("CUDA out of memory: encoding batches of at most %d from now on", step)
-                continue
-            start += len(chunk)
-        return torch.cat(outputs)
-
-
-def _run_extraction(
-    encoder: ImageEncoder | TextEncoder, ids: list[str], directory: Path,
-    batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
-    encode: Callable[[object], torch.Tensor], shard_size: int, description: dict[str, Any] | None = None,
-) -> ExtractSummary:
-    """Shared runner: skip done ids, encode the rest batch by batch, flush complete shards."""
-    manifest = FeatureManifest.open_for(directory, description or encoder.describe())
-    writer = ShardWriter(directory, manifest)
-    done = done_ids(directory)
-    todo = [i for i, item in enumerate(ids) if item not in done]
-    logger.info("%s: %d to encode, %d already done (%s)", encoder.name, len(todo), len(ids) - len(todo), directory)
-    encode = BackoffEncoder(encode)
-    timing = {"wait": 0.0, "encode": 0.0, "write": 0.0}
-    start = time.perf_counter()
-    pending_ids: list[str] = []
-    pending_vectors: list[np.ndarray] = []
-    failed = 0
-    # Shards are written by one background thread (in order, at most two queued) while the next batches
-    # are encoded: on a GPU, writing in line would take a large share of the time.
-    writes: deque[Future] = deque()
-
-    def write(shard_ids: list[str], vectors: np.ndarray) -> None:
-        tick = time.perf_counter()
-        while len(writes) >= 2:
-            writes.popleft().result()
-        writes.append(shard_writer.submit(writer.write, shard_ids, vectors))
-        timing["write"] += time.perf_counter() - tick
-
-    with tqdm(total=len(todo), desc=f"extract {encoder.name}", unit=encoder.modality, disable=None) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as shard_writer:
-        batch_iterator = iter(batches(todo) if todo else ())
-        while True:
-            tick = time.perf_counter()
-            try:
-                positions, inputs, errors = next(batch_iterator)
-            except StopIteration:
-                break
-            tock = time.perf_counter()
-            vectors = encode(inputs).numpy()
-            timing["wait"] += tock - tick
-            timing["encode"] += time.perf_counter() - tock
-            with writer.lock:
-                for position, vector, error in zip(positions, vectors, errors):
-                    if error:
-                        manifest.failed[ids[position]] = error
-                        failed += 1
-                        logger.warning("cannot encode %s: %s", ids[position], error)
-                        continue
-                    manifest.failed.pop(ids[position], None)  # it decodes again: no longer failed
-                    pending_ids.append(ids[position])
-                    pending_vectors.append(vector)
-            while len(pending_ids) >= shard_size:
-                write(pending_ids[:shard_size], np.stack(pending_vectors[:shard_size]))
-                del pending_ids[:shard_size], pending_vectors[:shard_size]
-            bar.update(len(positions))
-        last_shard = bool(pending_ids)
-        if last_shard:
-            write(pending_ids, np.stack(pending_vectors))
-        while writes:
-            writes.popleft().result()
-        if todo and not last_shard:  # only failures changed (added or cleared): record them
-            manifest.save(directory)
-    seconds = time.perf_counter() - start
-    encoded = len(todo) - failed
-    return ExtractSummary(
-        encoder=encoder.name, modality=encoder.modality, encoded=encoded, already_done=len(ids) - len(todo),
-        failed=failed, seconds=round(seconds, 3),
-        items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
-        features_dir=str(directory), precision=encoder.runtime.precision,
-        **{f"{key}_s": round(value, 3) for key, value in timing.items()},
-    )
+    return run_extraction(encoder, ids, directory, batches, encode_unique, shard_size)

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossalign.workspace import write_json_atomic
+from crossalign.workspace import file_lock, write_json_atomic
 
 MANIFEST_NAME = "_manifest.json"
+
+
+def _locks_dir(directory: Path) -> Path:
+    # Beside the features directory, not in it: the directory holds only the manifest and the shards.
+    return Path(directory).parent / ".locks" / Path(directory).name
+
+
+@contextlib.contextmanager
+def manifest_lock(directory: Path) -> Iterator[None]:
+    """Hold the lock every read-modify-write of the manifest of `directory` takes (processes and threads)."""
+    with file_lock(_locks_dir(directory) / "manifest.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def claim(directory: Path, ids: list[str]) -> Iterator[None]:
+    """Hold the claim on encoding exactly `ids` into `directory`: a second claimant waits for the first.
+
+    Two runs that planned the same work then do it once: the second finds the ids recorded when its
+    wait ends. (Runs whose work only overlaps still both encode the overlap; the shard commit keeps
+    one copy.) The claim file is removed once the work is recorded; whoever opened it before that
+    finds the work done, so removing it cannot let two claimants encode the same ids.
+    """
+    path = _locks_dir(directory) / f"claim-{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:24]}.lock"
+    with file_lock(path):
+        yield
+        path.unlink(missing_ok=True)
 
 
 class FeatureMismatchError(ValueError):

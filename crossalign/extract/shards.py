@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import threading
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crossalign.extract.manifest import FeatureManifest
+from crossalign.extract.manifest import FeatureManifest, manifest_lock
 from crossalign.workspace import WorkspaceError
 
 
@@ -36,40 +40,102 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
 class ShardWriter:
     """Appends complete shards to a features directory; a killed run loses at most the shard in flight.
 
-    A shard is first written as `.part-NNNNN.parquet.tmp`, renamed, and only then recorded in the
-    manifest. A shard file that was renamed but not recorded (killed in between) is overwritten by the
-    next shard of the same number, so no row is ever stored twice.
+    Several writers (threads, processes, machines sharing the workspace) may append to one directory at
+    once. A shard is first written under a temporary name unique to its writer; then, holding the
+    manifest lock, the writer reloads the manifest, drops the rows whose ids another writer recorded
+    meanwhile, renames the file to the next free shard name and records it. A shard file that was
+    renamed but not recorded (killed in between) is overwritten by the next shard of the same number,
+    so no row is ever stored twice.
+
+    Items that could not be encoded are noted with `note_failed` and recorded with the next commit.
     """
 
-    def __init__(self, directory: Path, manifest: FeatureManifest) -> None:
+    def __init__(self, directory: Path, description: dict[str, Any]) -> None:
         self.directory = Path(directory)
-        self.manifest = manifest
+        self.description = description
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()  # held while the manifest changes: shards may be written from a thread
+        self.dropped = 0  # rows encoded here that another writer had recorded first
+        self._failed: dict[str, str] = {}
+        self._failed_lock = threading.Lock()
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete half-written shards left by processes that are gone (a killed run)."""
+        """Delete half-written shards left by processes of this machine that are gone (a killed run)."""
+        host = socket.gethostname()
         for tmp in self.directory.glob(".part-*.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            writer = tmp.name.split(".tmp-", 1)[1]
+            owner, _, pid = writer.rpartition("-")
+            if owner in ("", host) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 tmp.unlink(missing_ok=True)
 
-    def write(self, ids: list[str], vectors: np.ndarray) -> Path:
-        """Write one complete shard and record it; returns its path."""
-        if vectors.shape != (len(ids), self.manifest.dim):
-            raise ValueError(f"shard vectors have shape {vectors.shape}, expected ({len(ids)}, {self.manifest.dim})")
-        name = self.manifest.next_shard_name()
+    def note_failed(self, item: str, error: str) -> None:
+        """Record with the next commit that `item` could not be encoded, and why."""
+        with self._failed_lock:
+            self._failed[item] = error
+
+    def write(self, ids: list[str], vectors: np.ndarray) -> Path | None:
+        """Write one complete shard and record it; returns its path (None when other writers had recorded every id)."""
+        dim = int(self.description["dim"])
+        if vectors.shape != (len(ids), dim):
+            raise ValueError(f"shard vectors have shape {vectors.shape}, expected ({len(ids)}, {dim})")
         table = pa.Table.from_arrays([pa.array(ids, pa.string()), vectors_to_arrow(vectors)],
-                                     schema=features_schema(self.manifest.dim))
-        final = self.directory / name
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+                                     schema=features_schema(dim))
+        tmp = self.directory / f".part-{uuid.uuid4().hex[:12]}.tmp-{socket.gethostname()}-{os.getpid()}"
         pq.write_table(table, tmp)
-        os.replace(tmp, final)
-        with self.lock:
-            self.manifest.shards.append({"file": name, "rows": len(ids)})
-            self.manifest.save(self.directory)
-        return final
+        try:
+            return self._commit(tmp, table)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def commit_failures(self) -> None:
+        """Record the noted failures now (when no shard follows them)."""
+        with manifest_lock(self.directory):
+            manifest = FeatureManifest.open_for(self.directory, self.description)
+            self._record_failures(manifest, _recorded_ids(self.directory, manifest))
+            manifest.save(self.directory)
+
+    def _commit(self, tmp: Path, table: pa.Table) -> Path | None:
+        with manifest_lock(self.directory):
+            manifest = FeatureManifest.open_for(self.directory, self.description)
+            recorded = _recorded_ids(self.directory, manifest)
+            new = [item not in recorded for item in table.column("id").to_pylist()]
+            if not all(new):  # another writer did some of these ids: keep its rows, drop ours
+                self.dropped += new.count(False)
+                table = table.filter(pa.array(new))
+                pq.write_table(table, tmp)
+            final = None
+            if table.num_rows:
+                name = manifest.next_shard_name()
+                final = self.directory / name
+                os.replace(tmp, final)
+                manifest.shards.append({"file": name, "rows": table.num_rows})
+                recorded.update(table.column("id").to_pylist())
+            for item in table.column("id").to_pylist():
+                manifest.failed.pop(item, None)  # it was encoded after all: no longer failed
+            self._record_failures(manifest, recorded)
+            manifest.save(self.directory)
+            return final
+
+    def _record_failures(self, manifest: FeatureManifest, recorded: set[str]) -> None:
+        with self._failed_lock:
+            failed, self._failed = self._failed, {}
+        # An item another writer encoded meanwhile has features: it is not failed.
+        manifest.failed.update({item: error for item, error in failed.items() if item not in recorded})
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_ids(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """The ids of one shard file; cached per process (a recorded shard never changes: the key would if it did)."""
+    return tuple(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+
+
+def _recorded_ids(directory: Path, manifest: FeatureManifest) -> set[str]:
+    done: set[str] = set()
+    for shard in manifest.shards:
+        path = Path(directory) / shard["file"]
+        stat = path.stat()
+        done.update(_shard_ids(str(path), stat.st_size, stat.st_mtime_ns))
+    return done
 
 
 def read_features(directory: Path, ids: list[str] | None = None) -> tuple[list[str], np.ndarray]:
@@ -104,9 +170,4 @@ def read_features(directory: Path, ids: list[str] | None = None) -> tuple[list[s
 def done_ids(directory: Path) -> set[str]:
     """Ids that already have features in the finished shards of `directory`."""
     manifest = FeatureManifest.load(directory)
-    if manifest is None:
-        return set()
-    done: set[str] = set()
-    for shard in manifest.shards:
-        done.update(pq.read_table(Path(directory) / shard["file"], columns=["id"]).column("id").to_pylist())
-    return done
+    return set() if manifest is None else _recorded_ids(directory, manifest)

@@ -1,0 +1,190 @@
+"""The encoding loop every extraction shares: skip done ids, claim the rest, encode them in batches, write shards.
+
+Safe to run several times at once on one features directory, from threads, processes or machines
+sharing the workspace (see `claim` and `ShardWriter`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
+from crossalign.extract.manifest import FeatureManifest, claim
+from crossalign.extract.shards import ShardWriter, done_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    """What one extraction did (small: passed between Prefect tasks)."""
+
+    encoder: str
+    modality: str
+    encoded: int
+    already_done: int
+    failed: int
+    seconds: float
+    items_per_s: float
+    features_dir: str
+    precision: str
+    wait_s: float = 0.0  # waiting for decoded inputs
+    encode_s: float = 0.0  # in the encoder's forward
+    write_s: float = 0.0  # writing shards
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_LOADING = threading.Lock()
+
+
+def load_encoder_once(name: str, device: str, precision: str) -> ImageEncoder | TextEncoder:
+    """`load_encoder` (cached per process), one call at a time: shard tasks on threads would otherwise load
+    one model twice, and transformers' lazy imports fail when two threads run them at once."""
+    with _LOADING:
+        return load_encoder(name, device, precision)
+
+
+_MODEL_LOCKS: dict[int, threading.Lock] = {}
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(encoder: ImageEncoder | TextEncoder) -> threading.Lock:
+    """The lock that lets one forward pass at a time run on `encoder` in this process.
+
+    Calls on threads (shard tasks on a thread pool) share the cached encoder; a fast tokenizer fails
+    when two threads use it at once ("Already borrowed"), and two forwards on one device only contend.
+    Decoding and shard writing still overlap with the other call's forward.
+    """
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(id(encoder), threading.Lock())
+
+
+class BackoffEncoder:
+    """Calls `encode` on a batch; on CUDA out-of-memory, retries in halves instead of failing.
+
+    The smaller size is remembered, so later batches go straight to it.
+    """
+
+    def __init__(self, encode: Callable[[Any], torch.Tensor]) -> None:
+        self.encode = encode
+        self.max_rows: int | None = None
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        step, start, outputs = self.max_rows or len(inputs), 0, []
+        while start < len(inputs):
+            chunk = inputs[start:start + step]
+            try:
+                outputs.append(self.encode(chunk))
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise
+                torch.cuda.empty_cache()
+                step = self.max_rows = max(1, step // 2)
+                logger.warning("CUDA out of memory: encoding batches of at most %d from now on", step)
+                continue
+            start += len(chunk)
+        return torch.cat(outputs)
+
+
+def run_extraction(
+    encoder: ImageEncoder | TextEncoder, ids: list[str], directory: Path,
+    batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
+    encode: Callable[[object], torch.Tensor], shard_size: int, description: dict[str, Any] | None = None,
+) -> ExtractSummary:
+    """Shared runner: skip done ids, claim the rest, encode them batch by batch, flush complete shards."""
+    description = description or encoder.describe()
+    FeatureManifest.open_for(directory, description)  # refuse another encoder's features before any work
+    todo = _todo(ids, directory)
+    with claim(directory, [ids[i] for i in todo]) if todo else contextlib.nullcontext():
+        todo = _todo(ids, directory)  # what is left once a run that held the same claim has finished
+        return _encode_todo(encoder, ids, todo, directory, description, batches, encode, shard_size)
+
+
+def _todo(ids: list[str], directory: Path) -> list[int]:
+    done = done_ids(directory)
+    return [i for i, item in enumerate(ids) if item not in done]
+
+
+def _encode_todo(
+    encoder: ImageEncoder | TextEncoder, ids: list[str], todo: list[int], directory: Path,
+    description: dict[str, Any], batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
+    encode: Callable[[object], torch.Tensor], shard_size: int,
+) -> ExtractSummary:
+    writer = ShardWriter(directory, description)
+    logger.info("%s: %d to encode, %d already done (%s)", encoder.name, len(todo), len(ids) - len(todo), directory)
+    model_lock = _model_lock(encoder)
+    encode = BackoffEncoder(encode)
+    timing = {"wait": 0.0, "encode": 0.0, "write": 0.0}
+    start = time.perf_counter()
+    pending_ids: list[str] = []
+    pending_vectors: list[np.ndarray] = []
+    failed = 0
+    # Shards are written by one background thread (in order, at most two queued) while the next batches
+    # are encoded: on a GPU, writing in line would take a large share of the time.
+    writes: deque[Future] = deque()
+
+    def write(shard_ids: list[str], vectors: np.ndarray) -> None:
+        tick = time.perf_counter()
+        while len(writes) >= 2:
+            writes.popleft().result()
+        writes.append(shard_writer.submit(writer.write, shard_ids, vectors))
+        timing["write"] += time.perf_counter() - tick
+
+    with tqdm(total=len(todo), desc=f"extract {encoder.name}", unit=encoder.modality, disable=None) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as shard_writer:
+        batch_iterator = iter(batches(todo) if todo else ())
+        while True:
+            tick = time.perf_counter()
+            try:
+                positions, inputs, errors = next(batch_iterator)
+            except StopIteration:
+                break
+            tock = time.perf_counter()
+            with model_lock:
+                vectors = encode(inputs).numpy()
+            timing["wait"] += tock - tick
+            timing["encode"] += time.perf_counter() - tock
+            for position, vector, error in zip(positions, vectors, errors):
+                if error:
+                    writer.note_failed(ids[position], error)
+                    failed += 1
+                    logger.warning("cannot encode %s: %s", ids[position], error)
+                    continue
+                pending_ids.append(ids[position])  # committing it clears an earlier failure
+                pending_vectors.append(vector)
+            while len(pending_ids) >= shard_size:
+                write(pending_ids[:shard_size], np.stack(pending_vectors[:shard_size]))
+                del pending_ids[:shard_size], pending_vectors[:shard_size]
+            bar.update(len(positions))
+        last_shard = bool(pending_ids)
+        if last_shard:
+            write(pending_ids, np.stack(pending_vectors))
+        while writes:
+            writes.popleft().result()
+        if todo and not last_shard:  # only failures changed (added or cleared): record them
+            writer.commit_failures()
+    seconds = time.perf_counter() - start
+    encoded = len(todo) - failed - writer.dropped  # rows another run recorded first count as done
+    return ExtractSummary(
+        encoder=encoder.name, modality=encoder.modality, encoded=encoded,
+        already_done=len(ids) - len(todo) + writer.dropped,
+        failed=failed, seconds=round(seconds, 3),
+        items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
+        features_dir=str(directory), precision=encoder.runtime.precision,
+        **{f"{key}_s": round(value, 3) for key, value in timing.items()},
+    )
