@@ -86,6 +86,8 @@ def run(
     eval_split: EvalSplit = "dev", fmt: Format = "auto",
     steps: Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")] = 1500,
     loss: Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")] = "infonce",
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the mapper.")] = 1e-3,
+    input_dropout: Annotated[float, typer.Option(help="Dropout on the standardised input features.")] = 0.5,
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
     image_encoder: Annotated[str, typer.Option(
@@ -102,7 +104,8 @@ def run(
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
-                     train={"steps": steps, "loss": loss}, retrain=retrain, queries=query or [],
+                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
+                     retrain=retrain, queries=query or [],
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
     if not config.corpus.root.is_dir():
         raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
