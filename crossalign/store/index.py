@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 from lancedb.index import HnswSq, IvfPq
 
+from crossalign.store.schema import METRICS
+
 logger = logging.getLogger(__name__)
 
-METRICS = ("cosine", "l2", "dot")
 INDEX_TYPES = ("IVF_PQ", "IVF_HNSW_SQ")
 VECTOR_COLUMN = "vector"
 EXACT_SEARCH_MAX_ROWS = 10_000
