@@ -105,7 +105,7 @@ def _retry_unless_setup_error(task: Any, task_run: Any, state: Any) -> bool:
     except (FeatureMismatchError, WorkspaceError):
         return False
     except Exception:  # noqa: BLE001 - anything else may pass (out of memory, a flaky filesystem): retry
-        return True
+        pass
     return True
 
 
