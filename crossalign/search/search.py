@@ -88,6 +88,8 @@ class Searcher:
                     f"{self.metadata[f'{modality}_encoder']['encoder']}"
                 )
         self.metric = self.metadata.get("metric", "cosine")
+        self._plans = {name: plan_index(table.count_rows(), self.metadata["dim"], self.metric)  # once, not per query
+                       for name, table in self._tables.items()}
         self._device, self._precision = device, precision
         self._encoders: dict[str, ImageEncoder | TextEncoder] = {}
 
@@ -169,9 +171,7 @@ class Searcher:
         if vector.shape[0] != self.metadata["dim"]:
             raise StoreMismatchError(f"table {table} holds {self.metadata['dim']}-d vectors; "
                                      f"the query vector has {vector.shape[0]}")
-        handle = self._tables[table]
-        plan = plan_index(handle.count_rows(), self.metadata["dim"], self.metric)
-        query = apply_plan(_filtered(handle.search(vector), split, corpus), plan)
+        query = apply_plan(_filtered(self._tables[table].search(vector), split, corpus), self._plans[table])
         rows = query.select([*COLUMNS[table], "_distance"]).limit(limit).to_list()
         return _hits(rows, lambda row: _similarity(row.pop("_distance"), self.metric))
 
