@@ -97,12 +97,15 @@ def run(
     text_encoder: Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>[#cls]")] = "minilm-l6",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
+    compile: Annotated[str, typer.Option(
+        help="torch.compile the image encoder: auto (on the CPU for 5,000+ images), on, off")] = "auto",
     runner: Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")] = "threads",
     dask_address: Annotated[Optional[str], typer.Option(
         help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")] = None,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
-    extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder}
+    extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
+               "compile": compile}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
                      retrain=retrain, queries=query or [],

@@ -59,7 +59,15 @@ class ExtractConfig(_Section):
     text_encoder: str = Field(default="minilm-l6", description="Text encoder registry name.")
     device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1' ...")
     precision: Precision = Field(
-        default="auto", description="'auto' uses bf16 where the hardware supports it, else fp32."
+        default="auto",
+        description="'auto': fp16 on CUDA; on the CPU the fastest precision measured faithful for each encoder "
+        "(cosine >= 0.999 to fp32) that the CPU runs natively (EfficientNet-Lite: fp16 with AVX512-FP16; "
+        "MiniLM: bf16 with AMX/AVX512-BF16), else fp32.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile the image encoder: 'auto' does on the CPU when 5,000+ images wait "
+        "(compiling takes 15-45 s; Lite0 then runs about 1.4x faster).",
     )
     image_batch_size: int | None = Field(
         default=None, gt=0, description="Images per forward pass; default 32 on CPU, 256 on CUDA (backs off on OOM)."

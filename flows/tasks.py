@@ -120,7 +120,7 @@ def extract_shard(config: PipelineConfig, modality: str, number: int, ids: list[
     if modality == "image":
         summary = extract_image_features(
             workspace, corpus, e.image_encoder, device=e.device, precision=e.precision, batch_size=e.image_batch_size,
-            shard_size=e.shard_size, num_workers=e.num_workers, decode=e.decode, only_ids=ids,
+            shard_size=e.shard_size, num_workers=e.num_workers, decode=e.decode, only_ids=ids, compile=e.compile,
         )
     else:
         summary = extract_text_features(workspace, corpus, e.text_encoder, device=e.device, precision=e.precision,

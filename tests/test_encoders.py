@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from crossalign.encoders import (
     register_encoder,
     resolve_runtime,
 )
-from crossalign.encoders.base import cpu_supports_bf16
+from crossalign.encoders.base import cpu_supports_bf16, cpu_supports_fp16
 from crossalign.encoders.registry import _ENTRIES
 from crossalign.workspace import Workspace
 
@@ -175,21 +176,58 @@ def test_resolve_runtime_fp32_and_bf16_on_cpu() -> None:
 
 
 def test_auto_precision_is_per_encoder_fidelity() -> None:
-    # bf16 only where it keeps every item within cosine 0.999 of fp32 (MiniLM yes, Lite0 no: see above).
-    assert load_encoder(IMAGE_ENCODER, "cpu", "auto").runtime.precision == "fp32"
+    # A reduced precision only where it keeps every item within cosine 0.999 of fp32: MiniLM in bf16;
+    # Lite0 in fp16 but not in bf16 (see above).
+    assert load_encoder(IMAGE_ENCODER, "cpu", "auto").runtime.precision == ("fp16" if cpu_supports_fp16() else "fp32")
     assert load_encoder(TEXT_ENCODER, "cpu", "auto").runtime.precision == ("bf16" if cpu_supports_bf16() else "fp32")
-    assert resolve_runtime("cpu", "auto", cpu_bf16=False).precision == "fp32"
+    assert resolve_runtime("cpu", "auto").precision == "fp32"  # an encoder measured for nothing runs fp32
 
 
 def test_resolve_runtime_auto_follows_the_hardware() -> None:
-    runtime = resolve_runtime("cpu", "auto")
-    assert runtime.precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_runtime("cpu", "auto", ("bf16",)).precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    # the first the CPU runs natively, in the encoder's order of preference
+    expected = "fp16" if cpu_supports_fp16() else "bf16" if cpu_supports_bf16() else "fp32"
+    assert resolve_runtime("cpu", "auto", ("fp16", "bf16")).precision == expected
     assert resolve_runtime("auto", "fp32").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_resolve_runtime_refuses_fp16_on_cpu() -> None:
-    with pytest.raises(ValueError, match="fp16.*CUDA"):
+@pytest.mark.skipif(cpu_supports_fp16(), reason="this CPU runs fp16 (AVX512-FP16)")
+def test_resolve_runtime_refuses_fp16_on_a_cpu_without_it() -> None:
+    with pytest.raises(ValueError, match="fp16.*CUDA.*AVX512-FP16"):
         resolve_runtime("cpu", "fp16")
+
+
+@pytest.mark.skipif(not cpu_supports_fp16(), reason="this CPU has no native fp16 (AVX512-FP16)")
+def test_fp16_image_features_match_fp32_on_the_cpu(image_encoder: ImageEncoder) -> None:
+    fp16 = load_encoder(IMAGE_ENCODER, "cpu", "fp16")
+    assert fp16.runtime.device.type == "cpu" and fp16.runtime.precision == "fp16"
+    batch = pixels(image_encoder, range(8))
+
+    reference, reduced = image_encoder.encode(batch), fp16.encode(batch)
+
+    assert reduced.dtype == torch.float32
+    assert not torch.equal(reference, reduced), "fp16 autocast had no effect"
+    assert (F.cosine_similarity(reference, reduced, dim=-1) >= 0.9995).all()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_image_encoder_keeps_the_features() -> None:
+    """torch.compile'd encoding (auto precision; short batches padded to the compiled size) matches fp32."""
+    images, _ = real_or_synthetic_inputs(40)
+    compiled = load_encoder.__wrapped__(IMAGE_ENCODER, "cpu", "auto")  # not the cached one other tests share
+    eager = load_encoder(IMAGE_ENCODER, "cpu", "auto")
+    reference = load_encoder(IMAGE_ENCODER, "cpu", "fp32")
+    inputs = torch.stack([compiled.preprocess(img) for img in images])
+    compiled.compile(batch_size=16)
+
+    ours = torch.cat([compiled.encode(inputs[i:i + 16]) for i in range(0, 40, 16)])  # 16, 16, then 8 padded
+    single = compiled.encode(inputs[:1])  # a search query: eager, not padded to 16
+
+    assert compiled.compiled and not eager.compiled
+    assert ours.shape == (40, 1280) and ours.dtype == torch.float32
+    assert (F.cosine_similarity(ours, reference.encode(inputs), dim=-1) >= 0.999).all()
+    assert (F.cosine_similarity(ours, eager.encode(inputs), dim=-1) >= 0.9999).all()
+    torch.testing.assert_close(single, eager.encode(inputs[:1]))
 
 
 def test_resolve_runtime_refuses_unknown_precision() -> None:

@@ -29,7 +29,7 @@ from crossalign.extract import (
     extract_text_features,
     read_features,
 )
-from crossalign.extract.extract import BackoffEncoder
+from crossalign.extract.extract import COMPILE_MIN_IMAGES, BackoffEncoder, should_compile
 from crossalign.extract.shards import features_schema
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -325,6 +325,35 @@ def test_parallel_decoding_gives_the_same_vectors(
     _, a = read_features(image_dir(inline), ids)
     _, b = read_features(image_dir(spawned), ids)
     assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4)
+
+
+def test_compile_setting_follows_the_work_and_the_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not should_compile("auto", cpu, COMPILE_MIN_IMAGES - 1)  # compiling would cost more than it saves
+    assert should_compile("auto", cpu, COMPILE_MIN_IMAGES) == (shutil.which("g++") is not None)
+    assert not should_compile("auto", cuda, 10**6)
+    assert should_compile("on", cuda, 1) and not should_compile("off", cpu, 10**6)
+    with pytest.raises(ValueError, match="unknown compile setting 'yes'"):
+        should_compile("yes", cpu, 1)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_extraction_stores_the_eager_features(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
+    corpus, eager = extracted_once
+    compiled = Workspace(tmp_path / "compiled")
+    ingest_corpus(corpus, compiled, CORPUS)
+    encoder = load_encoder(IMAGE_ENCODER, ENCODER_RUNTIME["device"], ENCODER_RUNTIME["precision"])  # extraction's
+    try:
+        summary = extract_images(compiled, compile="on", batch_size=8)  # 12 images: 8, then 4 padded to 8
+        assert encoder.compiled
+    finally:
+        encoder._compiled = None  # other tests share the cached encoder: leave it eager
+
+    assert (summary.encoded, summary.failed) == (12, 0)
+    ids = image_ids(eager)
+    _, a = read_features(image_dir(eager), ids)
+    _, b = read_features(image_dir(compiled), ids)
+    assert (torch.nn.functional.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b)) >= 0.9999).all()
 
 
 KILLABLE_EXTRACTION = """

@@ -58,5 +58,13 @@ class CompositeImageEncoder(ImageEncoder):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         raise TypeError("a composite encoder encodes PIL images (encode_images): each part has its own input size")
 
+    def compile(self, batch_size: int) -> None:
+        for part in self.parts:
+            part.compile(batch_size)
+
+    @property
+    def compiled(self) -> bool:
+        return all(part.compiled for part in self.parts)
+
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.cat([part.encode_images(images) for part in self.parts], dim=1)

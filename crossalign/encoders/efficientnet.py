@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 # On the CPU in bf16, the stem and the first blocks run in fp32: bf16 rounding in these high-resolution
 # layers is what moves the features. Measured on Flickr8k photos (Lite0, BN folded): plain bf16 autocast
 # had 22 of 256 items below cosine 0.999 to fp32 (min 0.9981); with the stem + 3 blocks in fp32, 2 of 512
-# (min 0.9984), at 60-67 images/s against 44-47 in fp32. Not faithful enough for "auto", which stays fp32
-# for this encoder on the CPU (registry.py); bf16 remains selectable.
+# (min 0.9984), at 60-67 images/s against 44-47 in fp32. Not faithful enough for "auto", which picks fp16
+# on CPUs with AVX512-FP16 (cosine >= 0.99995, registry.py) and fp32 elsewhere; bf16 remains selectable.
 CPU_BF16_FP32_BLOCKS = 3
 
 
