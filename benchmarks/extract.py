@@ -208,7 +208,7 @@ import json, resource, sys
 from crossalign.extract import extract_image_features
 from crossalign.workspace import Workspace
 summary = extract_image_features(Workspace(sys.argv[1]), sys.argv[2], sys.argv[3], device=sys.argv[4],
-                                 precision=sys.argv[5], split=sys.argv[6])
+                                 precision=sys.argv[5], split=sys.argv[6], compile=sys.argv[7])
 peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 print(json.dumps({"images": summary.encoded, "peak_rss_mb": peak_rss_mb}))
 """
@@ -233,10 +233,12 @@ def extraction_rss(corpus: Path, split: str, sizes: list[int], args: argparse.Na
         workspace = root / "ws"
         ingest_corpus(root, Workspace(workspace), "rss")
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(workspace), "rss", args.image_encoder,
-                              args.device, args.precision, split], capture_output=True, text=True, check=True)
+                              args.device, args.precision, split, args.compile], capture_output=True, text=True,
+                             check=True)
         stats = json.loads(out.stdout.strip().splitlines()[-1])
         results.append((stats["images"], stats["peak_rss_mb"]))
-        print(f"extraction of {stats['images']} images in a fresh process: peak RSS {stats['peak_rss_mb']} MB")
+        print(f"extraction of {stats['images']} images in a fresh process (compile {args.compile}): "
+              f"peak RSS {stats['peak_rss_mb']} MB")
     return results
 
 

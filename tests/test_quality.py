@@ -1,6 +1,6 @@
 """End to end on real data: `crossalign run / evaluate / search` on Flickr8k, as the README shows them.
 
-Trains on `train`, selects and reports on `dev` with the bundled encoders; about 12 minutes on 2 CPU cores.
+Trains on `train`, selects and reports on `dev` with the bundled encoders; about 9 minutes on 2 CPU cores.
 Skipped (with a message) when the Flickr8k development copy is not beside the repository.
 """
 
