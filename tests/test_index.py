@@ -65,6 +65,8 @@ def test_plan_is_deterministic_and_sub_vectors_divide_dim() -> None:
             assert 1 <= plan.nprobes <= plan.num_partitions
             assert plan.refine_factor >= 1
     assert plan_index(50_000, 256, exact_max_rows=50_000).index_type is None
+    # sub-vectors of 8 up to 256 dims, of 16 above (half the build time at 1024-d, the same recall)
+    assert plan_index(10**5, 256).num_sub_vectors == 32 and plan_index(10**5, 1024).num_sub_vectors == 64
     assert plan_index(10**6, 256).num_partitions >= plan_index(10**5, 256).num_partitions
 
 
