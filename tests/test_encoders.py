@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from crossalign.encoders import (
     register_encoder,
     resolve_runtime,
 )
-from crossalign.encoders.base import cpu_supports_bf16, cpu_supports_fp16
+from crossalign.encoders.base import can_compile_on_cpu, cpu_supports_bf16, cpu_supports_fp16
 from crossalign.encoders.registry import _ENTRIES
 from crossalign.workspace import Workspace
 
@@ -210,7 +209,7 @@ def test_fp16_image_features_match_fp32_on_the_cpu(image_encoder: ImageEncoder) 
     assert (F.cosine_similarity(reference, reduced, dim=-1) >= 0.9995).all()
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not can_compile_on_cpu(), reason="torch.compile on the CPU needs g++ and the Python headers")
 def test_compiled_image_encoder_keeps_the_features() -> None:
     """torch.compile'd encoding (auto precision; short batches padded to the compiled size) matches fp32."""
     images, _ = real_or_synthetic_inputs(40)

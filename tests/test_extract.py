@@ -21,6 +21,7 @@ from PIL import Image
 
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
+from crossalign.encoders.base import can_compile_on_cpu
 from crossalign.extract import (
     ExtractSummary,
     FeatureManifest,
@@ -330,14 +331,14 @@ def test_parallel_decoding_gives_the_same_vectors(
 def test_compile_setting_follows_the_work_and_the_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not should_compile("auto", cpu, COMPILE_MIN_IMAGES - 1)  # compiling would cost more than it saves
-    assert should_compile("auto", cpu, COMPILE_MIN_IMAGES) == (shutil.which("g++") is not None)
+    assert should_compile("auto", cpu, COMPILE_MIN_IMAGES) == can_compile_on_cpu()
     assert not should_compile("auto", cuda, 10**6)
     assert should_compile("on", cuda, 1) and not should_compile("off", cpu, 10**6)
     with pytest.raises(ValueError, match="unknown compile setting 'yes'"):
         should_compile("yes", cpu, 1)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not can_compile_on_cpu(), reason="torch.compile on the CPU needs g++ and the Python headers")
 def test_compiled_extraction_stores_the_eager_features(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
     corpus, eager = extracted_once
     compiled = Workspace(tmp_path / "compiled")

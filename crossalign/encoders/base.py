@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import shutil
+import sysconfig
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,12 @@ def cpu_supports_fp16() -> bool:
     """True when this CPU has native fp16 arithmetic (AVX512-FP16 or AMX-FP16: Sapphire Rapids and later)."""
     flags = _cpu_flags()
     return " avx512_fp16" in flags or " amx_fp16" in flags
+
+
+def can_compile_on_cpu() -> bool:
+    """Whether TorchInductor can build CPU kernels here: a C++ compiler and the Python headers."""
+    return (shutil.which(os.environ.get("CXX", "g++")) is not None
+            and Path(sysconfig.get_paths()["include"], "Python.h").exists())
 
 
 CPU_PRECISIONS = {"bf16": (torch.bfloat16, cpu_supports_bf16), "fp16": (torch.float16, cpu_supports_fp16)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crossalign.corpus import read_captions, read_images
 from crossalign.encoders import ImageEncoder, TextEncoder
+from crossalign.encoders.base import can_compile_on_cpu
 from crossalign.encoders.composite import SEPARATOR, composite_parts
 from crossalign.extract.encoding import (
     BackoffEncoder,  # noqa: F401 - importable from here, as before the split
@@ -171,13 +171,12 @@ COMPILE_MIN_IMAGES = 5_000
 
 def should_compile(setting: str, device: torch.device, pending: int) -> bool:
     """Whether to `torch.compile` the image encoder: always ("on"), never ("off"), or, for "auto", on the
-    CPU when `pending` images are enough to repay the compile time and a C++ compiler is there."""
+    CPU when `pending` images are enough to repay the compile time and Inductor can build kernels here."""
     if setting not in COMPILE_MODES:
         raise ValueError(f"unknown compile setting {setting!r}: use one of {', '.join(COMPILE_MODES)}")
     if setting != "auto":
         return setting == "on"
-    return (device.type == "cpu" and pending >= COMPILE_MIN_IMAGES
-            and shutil.which(os.environ.get("CXX", "g++")) is not None)
+    return device.type == "cpu" and pending >= COMPILE_MIN_IMAGES and can_compile_on_cpu()
 
 
 def default_num_workers() -> int:
