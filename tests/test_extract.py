@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -326,6 +328,19 @@ def test_parallel_decoding_gives_the_same_vectors(
     _, a = read_features(image_dir(inline), ids)
     _, b = read_features(image_dir(spawned), ids)
     assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4)
+
+
+def test_long_extractions_log_their_progress(ingested: Workspace, monkeypatch, caplog) -> None:
+    import crossalign.extract.encoding as encoding
+
+    monkeypatch.setattr(encoding, "PROGRESS_LOG_SECONDS", 0.0)  # a line after every batch but the last
+    with caplog.at_level(logging.INFO, logger="crossalign.extract.encoding"):
+        extract_images(ingested, batch_size=4)
+
+    lines = [r.getMessage() for r in caplog.records if "encoded," in r.getMessage()]
+    assert len(lines) == 2, lines  # 12 images in batches of 4
+    assert re.fullmatch(rf"{IMAGE_ENCODER}: 4 of 12 images encoded, [0-9.]+/s, about \d+( min \d+)? s left", lines[0])
+    assert lines[1].startswith(f"{IMAGE_ENCODER}: 8 of 12 images encoded")
 
 
 def test_compile_setting_follows_the_work_and_the_device() -> None:
