@@ -169,14 +169,15 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_IMAGES = 5_000
 
 
-def should_compile(setting: str, device: torch.device, pending: int) -> bool:
+def should_compile(setting: str, device: torch.device, pending: Callable[[], int]) -> bool:
     """Whether to `torch.compile` the image encoder: always ("on"), never ("off"), or, for "auto", on the
-    CPU when `pending` images are enough to repay the compile time and Inductor can build kernels here."""
+    CPU when the `pending()` images are enough to repay the compile time and Inductor can build kernels
+    here (`pending` is called only then: it reads the corpus)."""
     if setting not in COMPILE_MODES:
         raise ValueError(f"unknown compile setting {setting!r}: use one of {', '.join(COMPILE_MODES)}")
     if setting != "auto":
         return setting == "on"
-    return device.type == "cpu" and pending >= COMPILE_MIN_IMAGES and can_compile_on_cpu()
+    return device.type == "cpu" and can_compile_on_cpu() and pending() >= COMPILE_MIN_IMAGES
 
 
 def default_num_workers() -> int:
@@ -231,12 +232,14 @@ def extract_image_features(
     directory = workspace.features_dir(corpus, encoder.name)
     on_gpu = encoder.runtime.device.type == "cuda"
     batch_size = batch_size or (256 if on_gpu else 32)
-    if compile != "off" and not encoder.compiled:
+
+    def pending() -> int:  # images of the corpus (all shards) without features
         done = done_ids(directory)
-        pending = sum(1 for image_id in all_images.column("image_id").to_pylist() if image_id not in done)
-        if should_compile(compile, encoder.runtime.device, pending):
-            logger.info("%s: compiling the encoder for %d pending images (once per process)", encoder.name, pending)
-            encoder.compile(batch_size)
+        return sum(1 for image_id in all_images.column("image_id").to_pylist() if image_id not in done)
+
+    if not encoder.compiled and should_compile(compile, encoder.runtime.device, pending):
+        logger.info("%s: compiling the encoder (once per process)", encoder.name)
+        encoder.compile(batch_size)
     num_workers = default_num_workers() if num_workers is None else num_workers
 
     if decode == "nvjpeg" and not on_gpu:
