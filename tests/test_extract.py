@@ -33,7 +33,8 @@ from crossalign.extract import (
     read_features,
 )
 from crossalign.extract.extract import COMPILE_MIN_IMAGES, BackoffEncoder, should_compile
-from crossalign.extract.shards import features_schema
+from crossalign.extract.features import FeatureSet
+from crossalign.extract.shards import ShardWriter, features_schema
 from crossalign.workspace import Workspace, WorkspaceError
 
 CORPUS = "tiny"
@@ -159,6 +160,34 @@ def test_read_features_by_ids_keeps_the_requested_order(extracted_once: tuple[Pa
     assert np.array_equal(vectors, all_vectors[[7, 0, 3]])
     with pytest.raises(WorkspaceError, match="1 ids have no features"):
         read_features(image_dir(workspace), [all_ids[0], "no-such-id"])
+
+
+def test_feature_chunks_join_parts_stored_in_other_orders(
+    extracted_once: tuple[Path, Workspace], tmp_path: Path,
+) -> None:
+    _, workspace = extracted_once
+    all_ids, _ = read_features(image_dir(workspace))
+    # A second part with the same ids stored in reverse, in shards of 5 (the first has shards of 4).
+    reversed_ids = all_ids[::-1]
+    other_vectors = np.arange(len(all_ids) * 3, dtype=np.float32).reshape(-1, 3)
+    writer = ShardWriter(tmp_path / "other", {"encoder": "other", "dim": 3})
+    for start in range(0, len(all_ids), 5):
+        writer.write(reversed_ids[start:start + 5], other_vectors[start:start + 5])
+    directories = [image_dir(workspace), tmp_path / "other"]
+    features = FeatureSet("a,b", directories, [FeatureManifest.load(d) for d in directories])
+    wanted = [all_ids[i] for i in (9, 2, 5, 11, 0, 7, 3)]
+
+    chunks = list(features.chunks(wanted, rows=3))
+
+    assert [len(ids) for ids, _ in chunks] == [3, 3, 1]
+    got = {item: vector for ids, vectors in chunks for item, vector in zip(ids, vectors)}
+    assert sorted(got) == sorted(wanted)
+    _, expected = features.read(wanted)
+    for item, vector in zip(wanted, expected):
+        assert np.array_equal(got[item], vector)
+        assert np.array_equal(got[item][1280:], other_vectors[reversed_ids.index(item)])
+    with pytest.raises(WorkspaceError, match="1 ids have no features"):
+        next(features.chunks([all_ids[0], "no-such-id"], rows=3))
 
 
 def test_reading_features_that_were_never_extracted_raises(ingested: Workspace) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from crossalign.encoders.composite import composite_description, composite_parts
 from crossalign.extract.manifest import FeatureManifest
-from crossalign.extract.shards import read_features
+from crossalign.extract.shards import ShardLocator, read_features
 from crossalign.workspace import Workspace, WorkspaceError
 
 
@@ -53,3 +55,21 @@ class FeatureSet:
         """(ids, vectors) of exactly `ids`, in order; a composite's parts side by side."""
         parts = [read_features(directory, ids)[1] for directory in self.directories]
         return list(ids), parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def chunks(self, ids: list[str], rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(ids, vectors) of `ids`, at most `rows` at a time: each id once, in the order its features are stored.
+
+        Memory holds one chunk and a shard per part, whatever the corpus size (`read` holds everything).
+        Every id is located before the first chunk is yielded.
+
+        Raises:
+            WorkspaceError: some ids have no features (of some part).
+        """
+        locators = [ShardLocator(directory) for directory in self.directories]
+        wanted = pa.array(ids, pa.string())
+        located = [locator.locate(wanted) for locator in locators]
+        order = np.argsort(located[0], kind="stable")  # the first part's storage order: each shard read once
+        for start in range(0, len(order), rows):
+            take = order[start:start + rows]
+            parts = [locator.read(at[take]) for locator, at in zip(locators, located)]
+            yield [ids[i] for i in take], parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crossalign.extract.manifest import FeatureManifest, manifest_lock
@@ -165,6 +166,53 @@ def read_features(directory: Path, ids: list[str] | None = None) -> tuple[list[s
     if missing:
         raise WorkspaceError(f"{len(missing)} ids have no features in {directory} (first: {missing[0]}): extract first")
     return list(ids), vectors[[position[item] for item in ids]]
+
+
+class ShardLocator:
+    """Where each id of a features directory lies, read from the shards' id columns only.
+
+    `read` then fetches the vectors of any rows shard by shard, so reading a corpus in chunks holds a
+    chunk and one shard at a time, not the whole directory (1M images x 2560-d is 10 GB).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        manifest = FeatureManifest.load(directory)
+        if manifest is None:
+            raise WorkspaceError(f"no features in {directory}: run extraction first")
+        self.directory, self.dim = Path(directory), manifest.dim
+        self.files = [self.directory / shard["file"] for shard in manifest.shards]
+        columns = [pq.read_table(path, columns=["id"]).column("id") for path in self.files]
+        self.ids = pa.chunked_array([chunk for column in columns for chunk in column.chunks], pa.string())
+        self.starts = np.cumsum([0] + [len(column) for column in columns])  # first row of each shard
+        self._cached: tuple[int, np.ndarray] | None = None  # the last shard read: chunks often straddle shards
+
+    def locate(self, ids: pa.Array) -> np.ndarray:
+        """The row (counted across shards) of each of `ids`.
+
+        Raises:
+            WorkspaceError: some ids have no features here.
+        """
+        rows = pc.index_in(ids, value_set=self.ids.combine_chunks())
+        if rows.null_count:
+            missing = ids.filter(rows.is_null())
+            raise WorkspaceError(f"{len(missing)} ids have no features in {self.directory} "
+                                 f"(first: {missing[0]}): extract first")
+        return rows.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of `rows` (as `locate` gives them), in that order: (len(rows), dim) float32."""
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        shards = np.searchsorted(self.starts, rows, side="right") - 1
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            out[where] = self._shard(int(shard))[rows[where] - self.starts[shard]]
+        return out
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != shard:
+            column = pq.read_table(self.files[shard], columns=["vector"]).column("vector")
+            self._cached = shard, arrow_to_vectors(column, self.dim)
+        return self._cached[1]
 
 
 def done_ids(directory: Path) -> set[str]:

@@ -178,18 +178,19 @@ class _Sources:
         return [i for i in self.rows[spec.modality].column(spec.id_column).to_pylist() if i not in failed]
 
     def batches(self, spec: _Modality, schema: pa.Schema, model: JointMapper, ids: list[str]) -> Iterator[pa.Table]:
-        """The joint rows of `ids`, `BATCH_ROWS` at a time."""
+        """The joint rows of `ids`, `BATCH_ROWS` at a time, in the order their features are stored.
+
+        Features are read chunk by chunk (`FeatureSet.chunks`): memory does not grow with the corpus.
+        """
         if not ids:
             return
         table = self.rows[spec.modality]
         position = {item: i for i, item in enumerate(table.column(spec.id_column).to_pylist())}
-        _, features = self.features[spec.modality].read(ids)
         project = model.encode_image if spec.modality == "image" else model.encode_text
         mapper_id = table_metadata(schema)["mapper_id"]
-        for start in range(0, len(ids), BATCH_ROWS):
-            chunk = ids[start:start + BATCH_ROWS]
+        for chunk, features in self.features[spec.modality].chunks(ids, BATCH_ROWS):
             with torch.no_grad():
-                joint = project(torch.from_numpy(features[start:start + BATCH_ROWS])).numpy().astype(np.float32)
+                joint = project(torch.from_numpy(features)).numpy().astype(np.float32)
             take = pa.array([position[item] for item in chunk])
             arrays = {"id": pa.array(chunk, pa.string()), "vector": vectors_to_arrow(joint),
                       "mapper_id": pa.array([mapper_id] * len(chunk), pa.string()),
