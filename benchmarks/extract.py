@@ -2,7 +2,7 @@
 
     python benchmarks/extract.py [--corpus ../shared/data/flickr8k] [--split train] [--rounds 6]
     python benchmarks/extract.py --image-encoder torchvision:resnet50@random --device cuda --precision bf16 \
-        --variants 20000 --skip-text --decode threads,nvjpeg
+        --variants 20000 --skip-text --decode threads,nvjpeg,nvimgcodec
 
 The split is cut into rounds; each round measures the three paths back to back on its own images, so
 the per-round ratios hold while this shared machine's speed wanders (it does, by +-30% within a
@@ -36,12 +36,13 @@ from crossalign.encoders import load_encoder
 from crossalign.extract import extract_image_features, extract_text_features, read_features
 from crossalign.extract.extract import (
     DECODE_MODES,
-    NVJPEG_READERS,
+    GPU_DECODE_MODES,
     ImageFiles,
     default_num_workers,
-    nvjpeg_batches,
+    gpu_batches,
     threaded_batches,
 )
+from crossalign.extract.gpu_decode import GPU_DECODE_READERS
 from crossalign.workspace import Workspace
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -96,9 +97,9 @@ def compile_encoder(encoder, pixels: torch.Tensor) -> float:
 def image_decode_only(encoder, uris: list[str], statuses: list[str], decode: str, batch_size: int,
                       workers: int) -> float:
     """Images/s of the decode path alone (no model): the ceiling of end to end with that path."""
-    if decode == "nvjpeg":
-        batches = nvjpeg_batches(uris, [s == "ok" for s in statuses], encoder.preprocess, encoder.size, batch_size,
-                                 workers, encoder.runtime.device)
+    if decode in GPU_DECODE_MODES:
+        batches = gpu_batches(uris, [s == "ok" for s in statuses], encoder.preprocess, encoder.size, batch_size,
+                              workers, encoder.runtime.device, decode)
     elif decode == "threads":
         batches = threaded_batches(ImageFiles(uris, encoder.preprocess, encoder.size), batch_size, workers,
                                    pin=encoder.runtime.device.type == "cuda")
@@ -206,6 +207,7 @@ def write_variants(corpus: Path, count: int, out: Path) -> Path:
 RSS_CHILD = """
 import json, resource, sys
 from crossalign.extract import extract_image_features
+from crossalign.extract.gpu_decode import GPU_DECODE_READERS
 from crossalign.workspace import Workspace
 summary = extract_image_features(Workspace(sys.argv[1]), sys.argv[2], sys.argv[3], device=sys.argv[4],
                                  precision=sys.argv[5], split=sys.argv[6], compile=sys.argv[7])
@@ -326,7 +328,9 @@ def main() -> None:
     rows = [("image", "model-only limit", median(image_rounds, "limit"),
              f"batch {batch_size}, channels-last, {encoder.runtime.precision}"
              + (", compiled" if encoder.compiled else ", eager"))]
-    notes = {"nvjpeg": f"{min(NVJPEG_READERS, workers)} reader threads, nvJPEG + resize on the GPU",
+    notes = {"nvjpeg": f"{min(GPU_DECODE_READERS, workers)} reader threads, nvJPEG + resize on the GPU",
+             "nvimgcodec": f"{min(GPU_DECODE_READERS, workers)} reader threads, nvImageCodec ({workers} host "
+                           "threads) + resize on the GPU",
              "threads": f"{workers} decode threads, draft-mode JPEG",
              "processes": f"{workers} spawned decode processes, draft-mode JPEG"}
     statuses = images.column("status").to_pylist()

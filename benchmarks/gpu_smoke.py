@@ -2,8 +2,9 @@
 
 Run on a machine with a GPU: `python benchmarks/gpu_smoke.py [N_IMAGES]`. It writes a synthetic corpus,
 extracts image features on CUDA (bf16 autocast, pinned memory, decode threads; then nvJPEG decode on
-the GPU) and on the CPU in fp32, compares them per item, runs a Hugging Face text encoder (a randomly initialised BERT,
-so no weights are needed) on both devices, and prints throughput. The last line is machine-readable.
+the GPU, and nvImageCodec's where it is installed) and on the CPU in fp32, compares them per item,
+runs a Hugging Face text encoder (a randomly initialised BERT, so no weights are needed) on both
+devices, and prints throughput. The last line is machine-readable.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from crossalign.corpus import ingest_corpus
 from crossalign.encoders import load_encoder, resolve_runtime
 from crossalign.encoders.hf_text import HFTextEncoder
 from crossalign.extract import extract_image_features, read_features
+from crossalign.extract.gpu_decode import import_nvimgcodec
 from crossalign.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -65,6 +67,14 @@ def add_awkward_images(corpus: Path) -> int:
     return len(made)
 
 
+def nvimgcodec_installed() -> bool:
+    try:
+        import_nvimgcodec()
+    except ImportError:
+        return False
+    return True
+
+
 def main(n_images: int) -> None:
     assert torch.cuda.is_available(), "no CUDA device"
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -76,6 +86,8 @@ def main(n_images: int) -> None:
     timings = {}
     runs = (("gpu", "cuda", "auto", "threads"), ("gpu-bf16", "cuda", "bf16", "threads"),
             ("gpu-nvjpeg", "cuda", "fp32", "nvjpeg"), ("cpu", "cpu", "fp32", "threads"))
+    if nvimgcodec_installed():
+        runs += (("gpu-nvimgcodec", "cuda", "fp32", "nvimgcodec"),)
     for name, device, precision, decode in runs:
         ingest_corpus(corpus, Workspace(root / name), "c")
         start = time.perf_counter()
@@ -91,6 +103,11 @@ def main(n_images: int) -> None:
     _, bf16 = read_features(Workspace(root / "gpu-bf16").features_dir("c", "efficientnet-lite0"), ids)
     _, nvjpeg = read_features(Workspace(root / "gpu-nvjpeg").features_dir("c", "efficientnet-lite0"), ids)
     nvjpeg_cos = cosine_rows(nvjpeg, cpu)
+    if "gpu-nvimgcodec" in timings:
+        _, nvimgcodec = read_features(Workspace(root / "gpu-nvimgcodec").features_dir("c", "efficientnet-lite0"), ids)
+        cosine = cosine_rows(nvimgcodec, cpu)
+        print(f"image features cuda-fp32 nvImageCodec decode vs cpu-fp32 PIL decode: min cosine {cosine.min():.5f}, "
+              f"mean {cosine.mean():.5f}, below 0.999: {(cosine < 0.999).sum()} of {len(ids)}")
     print(f"image features cuda-bf16 vs cpu-fp32: min cosine {cosine_rows(bf16, cpu).min():.5f}")
     print(f"image features cuda-auto vs cpu-fp32: min cosine {image_cos.min():.5f}, mean {image_cos.mean():.5f}")
     print(f"image features cuda-fp32 nvJPEG decode vs cpu-fp32 PIL decode: min cosine {nvjpeg_cos.min():.5f}, "

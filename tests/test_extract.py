@@ -470,18 +470,59 @@ def test_unknown_decode_mode_fails_before_any_work(extracted_once: tuple[Path, W
     corpus, _ = extracted_once
     workspace = Workspace(tmp_path / "ws")
     ingest_corpus(corpus, workspace, CORPUS)
-    with pytest.raises(ValueError, match="use one of threads, processes, nvjpeg"):
+    with pytest.raises(ValueError, match="use one of threads, processes, nvjpeg, nvimgcodec"):
         extract_images(workspace, decode="fibres")
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        extract_images(workspace, decode="nvjpeg")
+    for decode in ("nvjpeg", "nvimgcodec"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            extract_images(workspace, decode=decode)
     assert not image_dir(workspace).exists()
 
 
+def test_nvimgcodec_missing_names_the_package_to_install(monkeypatch) -> None:
+    from crossalign.extract.gpu_decode import import_nvimgcodec
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # as if not installed (import raises)
+    with pytest.raises(ImportError, match="pip install nvidia-nvimgcodec-cu13"):
+        import_nvimgcodec()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvImageCodec decodes on a CUDA device")
+def test_nvimgcodec_decodes_like_the_pil_path(tiny_corpus: Path) -> None:
+    """On a GPU: nvImageCodec's pixels after the shared GPU resize are PIL's within a few levels (chroma
+    upsampling differs), and a broken file goes to the PIL path."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from crossalign.encoders.preprocess import ResizeCenterCrop
+    from crossalign.extract.extract import ImageFiles, gpu_batches
+
+    images = tiny_corpus / "images"
+    (images / "broken.jpg").write_bytes((images / "pic002.jpg").read_bytes()[:200])
+    uris = [str(p) for p in sorted(images.glob("pic*.jpg"))] + [str(images / "broken.jpg")]
+    preprocess = ResizeCenterCrop(64)
+
+    batches = list(gpu_batches(uris, [True] * len(uris), preprocess, 64, batch_size=5, threads=2,
+                               device=torch.device("cuda"), decode="nvimgcodec"))
+
+    positions = [p for batch_positions, _, _ in batches for p in batch_positions]
+    pixels = torch.cat([batch_pixels.cpu() for _, batch_pixels, _ in batches])
+    errors = [e for _, _, batch_errors in batches for e in batch_errors]
+    assert positions == list(range(len(uris)))
+
+    def full_decode(img: Image.Image) -> torch.Tensor:  # the PIL path without draft mode
+        img.format = None
+        return preprocess(img)
+
+    expected = torch.stack([ImageFiles(uris, full_decode, 64)[i][1] for i in range(len(uris) - 1)])
+    # The same pictures, channels in order: a swapped or transposed image is off by tens of levels.
+    # (How much the decoders' rounding moves the features, `benchmarks/extract.py --decode` measures.)
+    assert (pixels[:-1].float() - expected.float()).abs().mean() < 3.0
+    assert errors[:-1] == [""] * (len(uris) - 1) and errors[-1]
+
+
 def test_gpu_decode_path_matches_the_pil_path_and_hands_awkward_images_to_it(tiny_corpus: Path) -> None:
-    """`nvjpeg_batches` on the CPU (torchvision's libjpeg in nvJPEG's place): same pixels as PIL's path,
+    """`gpu_batches` on the CPU (torchvision's libjpeg in nvJPEG's place): same pixels as PIL's path,
     within resampling rounding; PNG, CMYK, greyscale and broken files go through the PIL path in order."""
     from crossalign.encoders.preprocess import ResizeCenterCrop
-    from crossalign.extract.extract import ImageFiles, nvjpeg_batches
+    from crossalign.extract.extract import ImageFiles, gpu_batches
 
     images = tiny_corpus / "images"
     picture = Image.open(sorted(images.glob("*.jpg"))[0])
@@ -493,7 +534,7 @@ def test_gpu_decode_path_matches_the_pil_path_and_hands_awkward_images_to_it(tin
     plain = [True] * (len(uris) - 3) + [False, False, True]  # CMYK is "normalised" at ingest: not for the GPU
     preprocess = ResizeCenterCrop(64)
 
-    batches = list(nvjpeg_batches(uris, plain, preprocess, 64, batch_size=5, threads=2, device=torch.device("cpu")))
+    batches = list(gpu_batches(uris, plain, preprocess, 64, batch_size=5, threads=2, device=torch.device("cpu")))
 
     positions = [p for batch_positions, _, _ in batches for p in batch_positions]
     pixels = torch.cat([batch_pixels for _, batch_pixels, _ in batches])

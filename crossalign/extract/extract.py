@@ -8,7 +8,6 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from crossalign.extract.encoding import (
     load_encoder_once,
     run_extraction,
 )
+from crossalign.extract.gpu_decode import gpu_decoded_batches, gpu_decoder, import_nvimgcodec
 from crossalign.extract.shards import done_ids
 from crossalign.workspace import Workspace
 
@@ -76,93 +76,21 @@ def threaded_batches(
             yield [item[0] for item in items], pixels.pin_memory() if pin else pixels, [item[2] for item in items]
 
 
-NVJPEG_READERS = 4
-
-
-def nvjpeg_batches(
+def gpu_batches(
     uris: list[str], gpu_decodable: list[bool], preprocess: Callable[[Image.Image], torch.Tensor], size: int,
-    batch_size: int, threads: int, device: torch.device, prefetch: int = 3,
+    batch_size: int, threads: int, device: torch.device, decode: str = "nvjpeg",
 ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-    """Batches decoded and resized on the GPU (nvJPEG through `torchvision.io.decode_jpeg`), in order.
-
-    A thread pool reads the files ahead; one thread decodes batch after batch on its own CUDA stream
-    while the model runs the previous one. Images that are not plain upright 8-bit RGB JPEGs
-    (`gpu_decodable` false: ingest normalised them) and any that nvJPEG refuses go through the CPU
-    path (`preprocess`, with PIL) instead, so every image is seen as the CPU path would see it.
-    At most `NVJPEG_READERS` of the `threads` read files: more would only contend for the GIL with the
-    model's thread.
-    """
-    threads = max(1, min(NVJPEG_READERS, threads))
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from crossalign.encoders.preprocess import JPEG_MAGIC, gpu_resize_center_crop
-
-    cpu_images = ImageFiles(uris, preprocess, size)
-    # A side stream on CUDA; on the CPU (tests: libjpeg stands in for nvJPEG) the same code runs unchanged.
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def read(index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str]:
-        """(index, encoded bytes for nvJPEG or None, pixels from the CPU path or None, error)."""
-        if gpu_decodable[index]:
-            try:
-                data = Path(uris[index]).read_bytes()
-            except OSError as err:
-                return index, None, torch.zeros(3, size, size, dtype=torch.uint8), f"{type(err).__name__}: {err}"
-            if data[:2] == JPEG_MAGIC:
-                return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, ""
-        _, pixels, error = cpu_images[index]
-        return index, None, pixels, error
-
-    def decode(reads: list[Future]) -> tuple[list[int], torch.Tensor, list[str]]:
-        items = [future.result() for future in reads]
-        errors = [error for *_, error in items]
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            pixels = torch.empty(len(items), 3, size, size, dtype=torch.uint8, device=device)
-            encoded = [i for i, (_, data, _, _) in enumerate(items) if data is not None]
-            decoded: dict[int, torch.Tensor] = {}
-            if encoded:
-                try:
-                    images = decode_jpeg([items[i][1] for i in encoded], mode=ImageReadMode.RGB, device=device)
-                    decoded = dict(zip(encoded, images))
-                except RuntimeError:  # one bad stream fails the whole call: decode one by one
-                    for i in encoded:
-                        with contextlib.suppress(RuntimeError):
-                            decoded[i] = decode_jpeg(items[i][1], mode=ImageReadMode.RGB, device=device)
-            if decoded:
-                pixels[list(decoded)] = gpu_resize_center_crop(list(decoded.values()), size)
-            for i, (index, _, cpu_pixels, _) in enumerate(items):
-                if i not in decoded:
-                    if cpu_pixels is None:  # nvJPEG refused it: the CPU path decides
-                        _, cpu_pixels, errors[i] = cpu_images[index]
-                    pixels[i] = cpu_pixels.to(device, non_blocking=True)
-        if stream is not None:
-            stream.synchronize()
-        return [index for index, *_ in items], pixels, errors
-
-    starts = iter(range(0, len(uris), batch_size))
-    with ThreadPoolExecutor(max_workers=threads) as readers, ThreadPoolExecutor(max_workers=1) as gpu:
-        reads: deque[list[Future]] = deque()
-        decodes: deque[Future] = deque()
-
-        def advance() -> None:
-            """Keep `prefetch` batches being read and one being decoded ahead of the model."""
-            while len(reads) < prefetch and (start := next(starts, None)) is not None:
-                stop = min(start + batch_size, len(uris))
-                reads.append([readers.submit(read, i) for i in range(start, stop)])
-            if reads and len(decodes) < 2:
-                decodes.append(gpu.submit(decode, reads.popleft()))
-
-        advance()
-        advance()
-        while decodes:
-            positions, pixels, errors = decodes.popleft().result()
-            advance()
-            if stream is not None:  # the model's stream uses memory the side stream allocated
-                pixels.record_stream(torch.cuda.current_stream(device))
-            yield positions, pixels, errors
+    """Batches decoded and resized on `device` by the GPU decoder of mode `decode`, in order (see
+    `crossalign.extract.gpu_decode`); the images with `gpu_decodable` false, and any the decoder refuses,
+    go through the PIL path (`preprocess`). `threads` read files (at most `GPU_DECODE_READERS`) and, for
+    nvImageCodec, run its host-side decoding."""
+    decoder = gpu_decoder(decode, device, threads)
+    cpu_path = ImageFiles(uris, preprocess, size).__getitem__
+    return gpu_decoded_batches(uris, gpu_decodable, cpu_path, size, batch_size, threads, device, decoder)
 
 
-DECODE_MODES = ("threads", "processes", "nvjpeg")
+GPU_DECODE_MODES = ("nvjpeg", "nvimgcodec")
+DECODE_MODES = ("threads", "processes", *GPU_DECODE_MODES)
 COMPILE_MODES = ("auto", "on", "off")
 # "auto" compiles the image encoder on the CPU when at least this many images wait for it: compiling
 # costs 15-45 s on 2 cores and saves about 6 ms an image (Lite0 fp16: 60 -> 90+ images/s).
@@ -201,6 +129,8 @@ def extract_image_features(
     "nvjpeg" (CUDA only, opt-in) decodes and resizes on the GPU: on an H200 4,850 images/s end to end
     against 1,268 with threads (ResNet-50 bf16), but its pixels differ from PIL's enough to move
     Lite0's features (cosine 0.991 at worst), so the manifest records it and the two never mix.
+    "nvimgcodec" (CUDA only, opt-in, needs nvImageCodec) is the same path with NVIDIA's nvImageCodec
+    decoding (see `crossalign.extract.gpu_decode`); it too is recorded in the manifest.
     `compile` ("auto", "on", "off") runs the encoder through `torch.compile` (see `ImageEncoder.compile`):
     "auto" does on the CPU once `COMPILE_MIN_IMAGES` images of the corpus (all shards) wait for it.
 
@@ -242,15 +172,17 @@ def extract_image_features(
         encoder.compile(batch_size)
     num_workers = default_num_workers() if num_workers is None else num_workers
 
-    if decode == "nvjpeg" and not on_gpu:
-        raise ValueError("decode='nvjpeg' decodes on the GPU: it needs a CUDA device")
+    if decode in GPU_DECODE_MODES and not on_gpu:
+        raise ValueError(f"decode={decode!r} decodes on the GPU: it needs a CUDA device")
+    if decode == "nvimgcodec":
+        import_nvimgcodec()  # a missing package fails here, before any work, with the command that installs it
 
     def batches(todo: list[int]) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-        if decode == "nvjpeg":
-            # Only images that needed no normalisation at ingest go to nvJPEG; the rest take the PIL path.
+        if decode in GPU_DECODE_MODES:
+            # Only images that needed no normalisation at ingest go to the GPU; the rest take the PIL path.
             statuses = images.column("status").to_pylist()
-            batches = nvjpeg_batches([uris[i] for i in todo], [statuses[i] == "ok" for i in todo],
-                                     encoder.preprocess, size, batch_size, num_workers, encoder.runtime.device)
+            batches = gpu_batches([uris[i] for i in todo], [statuses[i] == "ok" for i in todo], encoder.preprocess,
+                                  size, batch_size, num_workers or 1, encoder.runtime.device, decode)
             for positions, pixels, errors in batches:
                 yield [todo[p] for p in positions], pixels, errors
             return
@@ -296,8 +228,8 @@ def describe_with_decoder(encoder: ImageEncoder, decode: str) -> dict[str, Any]:
     features 0.991 at worst, 0.998 on average; the two never share a features directory.
     """
     description = encoder.describe()
-    if decode == "nvjpeg":
-        description["preprocessing"] = {**description["preprocessing"], "decoder": "nvjpeg"}
+    if decode in GPU_DECODE_MODES:
+        description["preprocessing"] = {**description["preprocessing"], "decoder": decode}
     return description
 
 
