@@ -152,20 +152,15 @@ def read_features(directory: Path, ids: list[str] | None = None) -> tuple[list[s
     Raises:
         WorkspaceError: no manifest, or some requested ids have no features.
     """
+    if ids is not None:  # only their rows are kept, shard by shard (a split of a large corpus: not all of it)
+        locator = ShardLocator(directory)
+        return list(ids), locator.read(locator.locate(pa.array(ids, pa.string())))
     manifest = FeatureManifest.load(directory)
     if manifest is None:
         raise WorkspaceError(f"no features in {directory}: run extraction first")
     tables = [pq.read_table(Path(directory) / shard["file"]) for shard in manifest.shards]
     table = pa.concat_tables(tables) if tables else features_schema(manifest.dim).empty_table()
-    all_ids = table.column("id").to_pylist()
-    vectors = arrow_to_vectors(table.column("vector"), manifest.dim)
-    if ids is None:
-        return all_ids, vectors
-    position = {item: i for i, item in enumerate(all_ids)}
-    missing = [item for item in ids if item not in position]
-    if missing:
-        raise WorkspaceError(f"{len(missing)} ids have no features in {directory} (first: {missing[0]}): extract first")
-    return list(ids), vectors[[position[item] for item in ids]]
+    return table.column("id").to_pylist(), arrow_to_vectors(table.column("vector"), manifest.dim)
 
 
 class ShardLocator:
@@ -203,9 +198,11 @@ class ShardLocator:
         """The vectors of `rows` (as `locate` gives them), in that order: (len(rows), dim) float32."""
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         shards = np.searchsorted(self.starts, rows, side="right") - 1
-        for shard in np.unique(shards):
-            where = np.flatnonzero(shards == shard)
-            out[where] = self._shard(int(shard))[rows[where] - self.starts[shard]]
+        by_shard = np.argsort(shards, kind="stable")
+        for where in np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1):
+            if len(where):
+                shard = int(shards[where[0]])
+                out[where] = self._shard(shard)[rows[where] - self.starts[shard]]
         return out
 
     def _shard(self, shard: int) -> np.ndarray:
