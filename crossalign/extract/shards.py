@@ -191,7 +191,7 @@ class ShardLocator:
         if rows.null_count:
             missing = ids.filter(rows.is_null())
             raise WorkspaceError(f"{len(missing)} ids have no features in {self.directory} "
-                                 f"(first: {missing[0]}): extract first")
+                                 f"(first: {missing[0].as_py()}): extract first")
         return rows.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
