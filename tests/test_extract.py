@@ -360,9 +360,9 @@ def test_parallel_decoding_gives_the_same_vectors(
 
 
 def test_long_extractions_log_their_progress(ingested: Workspace, monkeypatch, caplog) -> None:
-    import crossalign.extract.encoding as encoding
+    import crossalign.progress
 
-    monkeypatch.setattr(encoding, "PROGRESS_LOG_SECONDS", 0.0)  # a line after every batch but the last
+    monkeypatch.setattr(crossalign.progress, "PROGRESS_LOG_SECONDS", 0.0)  # a line after every batch but the last
     with caplog.at_level(logging.INFO, logger="crossalign.extract.encoding"):
         extract_images(ingested, batch_size=4)
 

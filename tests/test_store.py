@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,28 @@ def test_embed_writes_one_row_per_image_and_caption(ws: tuple[Path, Workspace, s
     for row in caption_rows:
         expected = captions[row["id"]]
         assert [row[k] for k in ("text", "image_id", "split")] == [expected[k] for k in ("text", "image_id", "split")]
+
+
+def test_embedding_in_chunks_stores_every_row_and_logs_progress(ws: tuple[Path, Workspace, str], monkeypatch,
+                                                                 caplog) -> None:
+    import crossalign.progress
+    import crossalign.store.tables as tables
+
+    _, workspace, corpus = ws
+    monkeypatch.setattr(tables, "BATCH_ROWS", 5)  # 12 images and 28 captions in chunks of 5
+    monkeypatch.setattr(crossalign.progress, "PROGRESS_LOG_SECONDS", 0.0)  # a line after every chunk but the last
+    with caplog.at_level(logging.INFO, logger="crossalign.store.tables"):
+        summary = embed_corpus(workspace, corpus)
+
+    assert (summary.images_in_table, summary.captions_in_table) == (12, 28)
+    for table, id_column in ((IMAGES_TABLE, "image_id"), (CAPTIONS_TABLE, "caption_id")):
+        stored = [r["id"] for r in rows(workspace, table)]
+        corpus_table = read_images(workspace, corpus) if table == IMAGES_TABLE else read_captions(workspace, corpus)
+        assert sorted(stored) == sorted(corpus_table.column(id_column).to_pylist())
+    lines = [r.getMessage() for r in caplog.records if " mapped, " in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == (
+        [f"embed {corpus}: {n} of 12 images mapped" for n in (5, 10)]
+        + [f"embed {corpus}: {n} of 28 captions mapped" for n in (5, 10, 15, 20, 25)])
 
 
 def test_stored_vectors_are_the_mapper_applied_to_the_features(ws: tuple[Path, Workspace, str]) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
 from crossalign.extract.manifest import FeatureManifest, claim
 from crossalign.extract.shards import ShardWriter, done_ids
+from crossalign.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -101,38 +102,6 @@ class BackoffEncoder:
         return torch.cat(outputs)
 
 
-PROGRESS_LOG_SECONDS = 30.0
-
-
-class ProgressLog:
-    """Logs items done, items/s and the time left every `PROGRESS_LOG_SECONDS` of a long extraction.
-
-    The tqdm bar shows only on a terminal; flow runs (the Prefect UI) get these lines instead.
-    """
-
-    def __init__(self, name: str, unit: str, total: int) -> None:
-        self.name, self.unit, self.total, self.done = name, unit, total, 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if now - self.last < PROGRESS_LOG_SECONDS or self.done >= self.total:
-            return
-        self.last = now
-        rate = self.done / (now - self.start)
-        left = (self.total - self.done) / rate if rate else float("inf")
-        logger.info("%s: %d of %d %ss encoded, %.1f/s, about %s left", self.name, self.done, self.total, self.unit,
-                    rate, _duration(left))
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "an unknown time"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
-
-
 def run_extraction(
     encoder: ImageEncoder | TextEncoder, ids: list[str], directory: Path,
     batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
@@ -177,7 +146,7 @@ def _encode_todo(
         writes.append(shard_writer.submit(writer.write, shard_ids, vectors))
         timing["write"] += time.perf_counter() - tick
 
-    progress = ProgressLog(encoder.name, encoder.modality, len(todo))  # for logs (Prefect UI), where no bar shows
+    progress = ProgressLog(logger, encoder.name, encoder.modality, len(todo), "encoded")  # for the run logs
     with tqdm(total=len(todo), desc=f"extract {encoder.name}", unit=encoder.modality, disable=None) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as shard_writer:
         batch_iterator = iter(batches(todo) if todo else ())

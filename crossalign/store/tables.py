@@ -27,6 +27,7 @@ from crossalign.align.mapper import JointMapper, check_encoder, load_mapper
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract.features import FeatureSet
 from crossalign.extract.shards import vectors_to_arrow
+from crossalign.progress import ProgressLog
 from crossalign.store.index import ensure_index
 from crossalign.store.schema import (
     CAPTIONS_TABLE,
@@ -188,6 +189,8 @@ class _Sources:
         position = {item: i for i, item in enumerate(table.column(spec.id_column).to_pylist())}
         project = model.encode_image if spec.modality == "image" else model.encode_text
         mapper_id = table_metadata(schema)["mapper_id"]
+        unit = spec.id_column.removesuffix("_id")
+        progress = ProgressLog(logger, f"embed {self.corpus}", unit, len(ids), "mapped")  # for the run logs
         for chunk, features in self.features[spec.modality].chunks(ids, BATCH_ROWS):
             with torch.no_grad():
                 joint = project(torch.from_numpy(features)).numpy().astype(np.float32)
@@ -197,6 +200,7 @@ class _Sources:
                       "corpus": pa.array([self.corpus] * len(chunk), pa.string()),
                       **{out: table.column(column).take(take) for out, column in spec.columns.items()}}
             yield pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema)
+            progress.update(len(chunk))
 
 
 def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sources: dict[str, _Sources],
