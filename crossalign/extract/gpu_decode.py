@@ -5,7 +5,7 @@ Two decoders plug into one pipeline (`gpu_decoded_batches`):
 - `TorchvisionJpegDecoder` (decode "nvjpeg"): `torchvision.io.decode_jpeg` on the device, which sends
   baseline JPEGs to the GPU's hardware JPEG engines where it has them (A100, H100, H200). One call at a
   time per process (torchvision holds a lock), so it tops out at the hardware decoder's rate: measured
-  5.9-7.1k images/s on an H200 with Flickr-sized photos.
+  5.9-7.1k images/s on an H200 with 224x224 JPEGs.
 - `NvImageCodecDecoder` (decode "nvimgcodec", needs `pip install nvidia-nvimgcodec-cu12` or `-cu13`
   with its nvJPEG wheel): NVIDIA's nvImageCodec, which splits each batch between the hardware engines
   and the CUDA decoder (Huffman decoding on `cpu_threads` CPU threads), as DALI does. Not yet measured
