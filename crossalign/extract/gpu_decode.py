@@ -41,15 +41,11 @@ NVIMGCODEC_HARDWARE_SHARE = 0.9
 class GpuJpegDecoder(Protocol):
     """Decodes a batch of JPEG files' bytes to uint8 (3, H, W) RGB tensors on the device; None where it cannot."""
 
-    name: str
-
     def decode(self, streams: list[torch.Tensor]) -> list[torch.Tensor | None]: ...
 
 
 class TorchvisionJpegDecoder:
     """`torchvision.io.decode_jpeg` on `device` (nvJPEG on CUDA; libjpeg on the CPU, which tests use)."""
-
-    name = "nvjpeg"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -91,8 +87,6 @@ class NvImageCodecDecoder:
     One per device and thread count in a process (`gpu_decoder` caches them: setting one up allocates
     device buffers), used by one batch at a time.
     """
-
-    name = "nvimgcodec"
 
     def __init__(self, device: torch.device, cpu_threads: int) -> None:
         nvimgcodec = import_nvimgcodec()
