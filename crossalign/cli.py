@@ -5,7 +5,6 @@ Every error a user can cause ends in one line on stderr and exit code 2, never a
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -29,6 +28,25 @@ Workspace_ = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace d
 Corpus_ = Annotated[Path, typer.Option("--corpus", "-c", help="Corpus folder holding captions.jsonl and images.")]
 TrainSplit = Annotated[str, typer.Option(help="Split to train on.")]
 EvalSplit = Annotated[str, typer.Option(help="Split to select the mapper on and report.")]
+# The extraction and training options, shared by `run` and the stage commands (`extract`, `train`).
+ImageEncoder_ = Annotated[str, typer.Option(
+    help="efficientnet-lite0, efficientnet-lite2, torchvision:<model>\\[@weights]; +flip averages over the "
+    "mirror image; a,b concatenates several")]
+TextEncoder_ = Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>\\[#cls]")]
+Device_ = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
+Precision_ = Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")]
+Compile_ = Annotated[str, typer.Option(
+    help="torch.compile the image encoder: auto (on the CPU for 5,000+ images), on, off")]
+Decode_ = Annotated[str, typer.Option(
+    help="Image decoding: threads or processes (on the CPU), nvjpeg or nvimgcodec (on the GPU).")]
+Runner_ = Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")]
+DaskAddress_ = Annotated[Optional[str], typer.Option(
+    help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")]
+Steps_ = Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")]
+Loss_ = Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")]
+Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
+InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
+DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER = "efficientnet-lite2+flip", "minilm-l6"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -83,43 +101,36 @@ def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, fm
 @_friendly
 def run(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-    eval_split: EvalSplit = "dev", fmt: Format = "auto",
-    steps: Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")] = 1500,
-    loss: Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")] = "infonce",
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the mapper.")] = 1e-3,
-    input_dropout: Annotated[float, typer.Option(help="Dropout on the standardised input features.")] = 0.5,
+    eval_split: EvalSplit = "dev", fmt: Format = "auto", steps: Steps_ = 1500, loss: Loss_ = "infonce",
+    lr: Lr_ = 1e-3, input_dropout: InputDropout_ = 0.5,
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
-    image_encoder: Annotated[str, typer.Option(
-        help="efficientnet-lite0, efficientnet-lite2, torchvision:<model>[@weights]; +flip averages over the "
-        "mirror image; a,b concatenates several")] = (
-        "efficientnet-lite2+flip"),
-    text_encoder: Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>[#cls]")] = "minilm-l6",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
-    compile: Annotated[str, typer.Option(
-        help="torch.compile the image encoder: auto (on the CPU for 5,000+ images), on, off")] = "auto",
-    runner: Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")] = "threads",
-    dask_address: Annotated[Optional[str], typer.Option(
-        help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")] = None,
+    image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
+    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto", decode: Decode_ = "threads",
+    runner: Runner_ = "threads", dask_address: DaskAddress_ = None,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
-               "compile": compile}
+               "compile": compile, "decode": decode}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
                      retrain=retrain, queries=query or [],
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
-    if not config.corpus.root.is_dir():
-        raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
-    from crossalign.encoders import load_encoder
-
-    for name in (config.extract.image_encoder, config.extract.text_encoder):  # fail before any work; cached
-        load_encoder(name, config.extract.device, config.extract.precision)
+    _check_encoders(config)
     from flows.pipeline import pipeline
 
     result = pipeline(config)
     _print_run(result, config)
+
+
+def _check_encoders(config: PipelineConfig) -> None:
+    """Fail before any work on a missing corpus folder or an encoder that cannot load (loads are cached)."""
+    if not config.corpus.root.is_dir():
+        raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
+    from crossalign.encoders import load_encoder
+
+    for name in (config.extract.image_encoder, config.extract.text_encoder):
+        load_encoder(name, config.extract.device, config.extract.precision)
 
 
 def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
@@ -264,22 +275,53 @@ def tables_cleanup(workspace: Workspace_ = Path("crossalign-data")) -> None:
         typer.echo(f"{table}: {r['versions_before']} versions -> {r['versions_after']}; vectors dropped of: {dropped}")
 
 
-def _stage_command(stage: str, summary: str) -> None:
-    """Register `crossalign <stage>`: runs the Prefect flow of that one stage and prints its summary as JSON."""
+@app.command()
+@_friendly
+def ingest(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto") -> None:
+    """Ingest a corpus into the workspace's canonical tables (the `ingest` flow)."""
+    from flows.ingest import ingest_flow
 
-    def command(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-                eval_split: EvalSplit = "dev", fmt: Format = "auto") -> None:
-        config = _config(corpus, workspace, train_split, eval_split, fmt)
-        flow = getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
-        typer.echo(json.dumps(flow(config), indent=2, default=str))
-
-    command.__doc__ = summary
-    app.command(stage)(_friendly(command))
+    config = _config(corpus, workspace, "train", "dev", fmt)
+    typer.echo(json.dumps(ingest_flow(config), indent=2, default=str))
 
 
-_stage_command("ingest", "Ingest a corpus into the workspace's canonical tables (the `ingest` flow).")
-_stage_command("extract", "Extract the image and caption features the workspace lacks (the `extract` flow).")
-_stage_command("train", "Train a new mapper on cached features and make it current (the `train` flow).")
+@app.command()
+@_friendly
+def extract(
+    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto",
+    image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
+    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto", decode: Decode_ = "threads",
+    runner: Runner_ = "threads", dask_address: DaskAddress_ = None,
+) -> None:
+    """Extract the image and caption features the workspace lacks (the `extract` flow)."""
+    from flows.extract import extract_flow
+
+    extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
+               "compile": compile, "decode": decode}
+    config = _config(corpus, workspace, "train", "dev", fmt, extract=extract,
+                     runner=RunnerConfig(kind=runner, dask_address=dask_address))
+    _check_encoders(config)
+    typer.echo(json.dumps(extract_flow(config), indent=2, default=str))
+
+
+@app.command()
+@_friendly
+def train(
+    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
+    eval_split: EvalSplit = "dev", fmt: Format = "auto",
+    image_encoder: Annotated[str, typer.Option(help="Whose cached image features to train on.")] = (
+        DEFAULT_IMAGE_ENCODER),
+    text_encoder: Annotated[str, typer.Option(help="Whose cached caption features to train on.")] = (
+        DEFAULT_TEXT_ENCODER),
+    steps: Steps_ = 1500, loss: Loss_ = "infonce", lr: Lr_ = 1e-3, input_dropout: InputDropout_ = 0.5,
+) -> None:
+    """Train a new mapper on cached features and make it current (the `train` flow)."""
+    from flows.train import train_flow
+
+    config = _config(corpus, workspace, train_split, eval_split, fmt,
+                     extract={"image_encoder": image_encoder, "text_encoder": text_encoder},
+                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout})
+    typer.echo(json.dumps(train_flow(config), indent=2, default=str))
 
 
 @app.command()

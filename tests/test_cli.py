@@ -110,6 +110,30 @@ def test_tables_list_and_cleanup(cli_workspace, tmp_path):
     assert again.exit_code == 0 and again.output.count("\n") == 1
 
 
+def test_stage_commands_take_the_encoder_options(prefect_backend, tmp_path):
+    """`ingest`, `extract`, `train`, `embed` one by one, with the fast image encoder rather than the default."""
+    from conftest import IMAGE_ENCODER, write_tiny_corpus
+
+    from crossalign.align import load_mapper
+    from crossalign.workspace import Workspace
+
+    corpus, workspace = write_tiny_corpus(tmp_path / "corpus"), tmp_path / "ws"
+    where = ["--corpus", str(corpus), "--workspace", str(workspace)]
+    assert runner.invoke(app, ["ingest", *where]).exit_code == 0
+
+    extracted = runner.invoke(app, ["extract", *where, "--image-encoder", IMAGE_ENCODER, "--device", "cpu"])
+    assert extracted.exit_code == 0, extracted.output
+    summaries = json.loads(extracted.stdout[extracted.stdout.index("["):])
+    assert [(s["encoder"], s["encoded"]) for s in summaries] == [(IMAGE_ENCODER, 12), ("minilm-l6", 28)]
+    trained = runner.invoke(app, ["train", *where, "--image-encoder", IMAGE_ENCODER, "--steps", "40"])
+    assert trained.exit_code == 0, trained.output
+    _, mapper = load_mapper(Workspace(workspace).require_current_mapper())
+    assert mapper["image_encoder"]["encoder"] == IMAGE_ENCODER
+    embedded = runner.invoke(app, ["embed", *where])
+    assert embedded.exit_code == 0, embedded.output
+    assert json.loads(embedded.stdout[embedded.stdout.index("{"):])["images_in_table"] == 12
+
+
 def test_evaluate_json(cli_workspace):
     corpus, workspace, _ = cli_workspace
     result = runner.invoke(app, ["evaluate", "--workspace", str(workspace), "--corpus", str(corpus),
@@ -144,6 +168,9 @@ def test_evaluate_json(cli_workspace):
          "never downloads"),
         (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--precision", "fp8"],
          "invalid precision: Input should be 'auto'"),
+        (["extract", "--corpus", "{corpus}", "--workspace", "{empty}", "--decode", "fibres"],
+         "invalid decode: Input should be 'threads', 'processes', 'nvjpeg' or 'nvimgcodec'"),
+        (["extract", "--corpus", "{missing}", "--workspace", "{empty}"], "does not exist"),
     ],
 )
 def test_user_errors_are_one_line(cli_workspace, tmp_path, args, message):
