@@ -46,7 +46,8 @@ Steps_ = Annotated[int, typer.Option(help="Training steps (early stopping may en
 Loss_ = Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")]
 Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
 InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
-DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER = "efficientnet-lite2+flip", "minilm-l6"
+DEFAULT_IMAGE_ENCODER = ExtractConfig.model_fields["image_encoder"].default  # one source of truth: the config
+DEFAULT_TEXT_ENCODER = ExtractConfig.model_fields["text_encoder"].default
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
