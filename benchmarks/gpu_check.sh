@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run (about 8 minutes on an H200): CUDA features equal the CPU ones, the GPU
-# decode tests, and the extraction benchmark with ResNet-50 in bf16 through both GPU decoders.
+# decode tests, and the extraction benchmark with ResNet-50 in bf16, decoding in processes (the default on
+# CUDA) and through both GPU decoders.
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]
 #
@@ -17,7 +18,7 @@ fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 "$python" -c "from crossalign.extract.gpu_decode import import_nvimgcodec; import_nvimgcodec()" \
-    && decodes=nvjpeg,nvimgcodec || decodes=nvjpeg
+    && decodes=processes,nvjpeg,nvimgcodec || decodes=processes,nvjpeg
 echo "== smoke: CUDA features vs CPU fp32, every decoder"
 "$python" benchmarks/gpu_smoke.py 256
 echo "== GPU decode tests"

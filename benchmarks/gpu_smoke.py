@@ -1,8 +1,8 @@
 """GPU smoke check: extraction runs on CUDA and gives the CPU fp32 features.
 
 Run on a machine with a GPU: `python benchmarks/gpu_smoke.py [N_IMAGES]`. It writes a synthetic corpus,
-extracts image features on CUDA (bf16 autocast, pinned memory, decode threads; then nvJPEG decode on
-the GPU, and nvImageCodec's where it is installed) and on the CPU in fp32, compares them per item,
+extracts image features on CUDA (auto precision and decode: processes, pinned memory; bf16 with decode
+threads; then nvJPEG decode on the GPU, and nvImageCodec's where it is installed) and on the CPU in fp32, compares them per item,
 runs a Hugging Face text encoder (a randomly initialised BERT, so no weights are needed) on both
 devices, and prints throughput. The last line is machine-readable.
 """
@@ -84,7 +84,7 @@ def main(n_images: int) -> None:
     n_images += extra
 
     timings = {}
-    runs = (("gpu", "cuda", "auto", "threads"), ("gpu-bf16", "cuda", "bf16", "threads"),
+    runs = (("gpu", "cuda", "auto", "auto"), ("gpu-bf16", "cuda", "bf16", "threads"),
             ("gpu-nvjpeg", "cuda", "fp32", "nvjpeg"), ("cpu", "cpu", "fp32", "threads"))
     if nvimgcodec_installed():
         runs += (("gpu-nvimgcodec", "cuda", "fp32", "nvimgcodec"),)

@@ -38,7 +38,8 @@ Precision_ = Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")]
 Compile_ = Annotated[str, typer.Option(
     help="torch.compile the image encoder: auto (on the CPU for 5,000+ images), on, off")]
 Decode_ = Annotated[str, typer.Option(
-    help="Image decoding: threads or processes (on the CPU), nvjpeg or nvimgcodec (on the GPU).")]
+    help="Image decoding: auto (threads on the CPU, processes on CUDA), threads, processes, or on the GPU: "
+    "nvjpeg, nvimgcodec.")]
 Runner_ = Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")]
 DaskAddress_ = Annotated[Optional[str], typer.Option(
     help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")]
@@ -48,6 +49,7 @@ Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
 InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
 DEFAULT_IMAGE_ENCODER = ExtractConfig.model_fields["image_encoder"].default  # one source of truth: the config
 DEFAULT_TEXT_ENCODER = ExtractConfig.model_fields["text_encoder"].default
+DEFAULT_DECODE = ExtractConfig.model_fields["decode"].default
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -107,7 +109,8 @@ def run(
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
     image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
-    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto", decode: Decode_ = "threads",
+    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto",
+    decode: Decode_ = DEFAULT_DECODE,
     runner: Runner_ = "threads", dask_address: DaskAddress_ = None,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
@@ -291,7 +294,8 @@ def ingest(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt
 def extract(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto",
     image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
-    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto", decode: Decode_ = "threads",
+    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto",
+    decode: Decode_ = DEFAULT_DECODE,
     runner: Runner_ = "threads", dask_address: DaskAddress_ = None,
 ) -> None:
     """Extract the image and caption features the workspace lacks (the `extract` flow)."""

@@ -74,14 +74,15 @@ class ExtractConfig(_Section):
     )
     text_batch_size: int = Field(default=256, gt=0)
     shard_size: int = Field(default=4096, gt=0, description="Rows per Parquet feature shard.")
-    decode: Literal["threads", "processes", "nvjpeg", "nvimgcodec"] = Field(
-        default="threads",
-        description="Decode images in a thread pool (measured faster here), in spawned DataLoader processes, "
-        "or on the GPU (CUDA only): with torchvision's nvJPEG, or with NVIDIA nvImageCodec (its package "
-        "installed; not yet measured on a GPU).",
+    decode: Literal["auto", "threads", "processes", "nvjpeg", "nvimgcodec"] = Field(
+        default="auto",
+        description="Decode images in a thread pool (auto on the CPU: measured faster here), in spawned worker "
+        "processes (auto on CUDA; started once per process, then reused), or on the GPU (CUDA only): with "
+        "torchvision's nvJPEG, or with NVIDIA nvImageCodec (its package installed; not yet measured on a GPU).",
     )
     num_workers: int | None = Field(
-        default=None, ge=0, description="Decode threads or processes; default: CPU cores - 1 (at least 1, at most 8)."
+        default=None, ge=0, description="Decode threads or processes; default: CPU cores - 1 (at least 1, at most 8); "
+        "processes feeding a GPU: cores - 2 (at most 32)."
     )
 
 

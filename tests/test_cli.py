@@ -169,7 +169,7 @@ def test_evaluate_json(cli_workspace):
         (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--precision", "fp8"],
          "invalid precision: Input should be 'auto'"),
         (["extract", "--corpus", "{corpus}", "--workspace", "{empty}", "--decode", "fibres"],
-         "invalid decode: Input should be 'threads', 'processes', 'nvjpeg' or 'nvimgcodec'"),
+         "invalid decode: Input should be 'auto', 'threads', 'processes', 'nvjpeg' or 'nvimgcodec'"),
         (["extract", "--corpus", "{missing}", "--workspace", "{empty}"], "does not exist"),
     ],
 )

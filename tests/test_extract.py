@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from PIL import Image
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
 from crossalign.encoders.base import can_compile_on_cpu
+from crossalign.encoders.preprocess import ResizeCenterCrop
 from crossalign.extract import (
     ExtractSummary,
     FeatureManifest,
@@ -32,7 +35,9 @@ from crossalign.extract import (
     extract_text_features,
     read_features,
 )
-from crossalign.extract.extract import COMPILE_MIN_IMAGES, BackoffEncoder, should_compile
+from crossalign.extract.decode_pool import close_decode_pools, decode_image, decoded_batches
+from crossalign.extract.encoding import load_encoder_once
+from crossalign.extract.extract import COMPILE_MIN_IMAGES, BackoffEncoder, resolve_decode, should_compile
 from crossalign.extract.features import FeatureSet
 from crossalign.extract.shards import ShardWriter, features_schema
 from crossalign.workspace import Workspace, WorkspaceError
@@ -359,6 +364,83 @@ def test_parallel_decoding_gives_the_same_vectors(
     assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4)
 
 
+def test_decode_processes_are_started_once_and_serve_later_calls(
+    extracted_once: tuple[Path, Workspace], tmp_path: Path
+) -> None:
+    """A flow extracts a shard per call: the spawned decode workers outlive the call that started them."""
+    corpus, inline = extracted_once
+    close_decode_pools()  # workers left by earlier tests would hide the start
+    before = {child.pid for child in multiprocessing.active_children()}
+    first, second = Workspace(tmp_path / "first"), Workspace(tmp_path / "second")
+    ingest_corpus(corpus, first, CORPUS)
+    ingest_corpus(corpus, second, CORPUS)
+
+    extract_images(first, num_workers=2, batch_size=5, decode="processes")
+    started = {child.pid for child in multiprocessing.active_children()} - before
+    summary = extract_images(second, num_workers=2, batch_size=5, decode="processes")
+
+    assert len(started) == 2, started
+    assert {child.pid for child in multiprocessing.active_children()} - before == started  # no new worker
+    assert (summary.encoded, summary.failed) == (12, 0)
+    ids = image_ids(inline)
+    _, expected = read_features(image_dir(inline), ids)
+    _, vectors = read_features(image_dir(second), ids)
+    assert np.allclose(vectors, expected, atol=1e-4)
+
+
+def test_a_call_that_finds_the_decode_processes_in_use_waits_for_them(tmp_path: Path) -> None:
+    """Two calls at once in one process (a flow's shard tasks are threads) share the pool: the second
+    waits for the first, and no other processes start."""
+    paths = [str(tmp_path / write_picture(tmp_path, i, "train")["image"]) for i in range(7)]
+    paths.insert(3, str(tmp_path / "images" / "gone.jpg"))
+    preprocess = ResizeCenterCrop(32)
+    expected = [decode_image(path, preprocess, 32) for path in paths]
+
+    first = decoded_batches(paths, preprocess, 32, batch_size=3, workers=1, pin=False)
+    results: dict[str, list] = {"first": [next(first)], "second": []}  # the pool is in use until `first` ends
+    workers = {child.pid for child in multiprocessing.active_children()}
+    second = threading.Thread(target=lambda: results["second"].extend(
+        decoded_batches(paths, preprocess, 32, batch_size=3, workers=1, pin=False)))
+    second.start()
+    second.join(timeout=2.0)
+    waited = second.is_alive() and not results["second"]
+    results["first"] += list(first)
+    second.join()
+
+    assert waited
+    assert {child.pid for child in multiprocessing.active_children()} == workers
+    for batches in results.values():
+        assert [position for positions, _, _ in batches for position in positions] == list(range(8))
+        assert torch.equal(torch.cat([pixels for _, pixels, _ in batches]), torch.stack([p for p, _ in expected]))
+        errors = [error for _, _, errors in batches for error in errors]
+        assert errors == [e for _, e in expected] and errors[3].startswith("FileNotFoundError")
+
+
+def test_an_extraction_that_fails_midway_frees_the_decode_processes(ingested: Workspace, monkeypatch) -> None:
+    encoder = load_encoder_once(IMAGE_ENCODER, **ENCODER_RUNTIME)
+    encode, batches = encoder.encode, []
+
+    def fails_on_the_second_batch(pixels: torch.Tensor) -> torch.Tensor:
+        batches.append(len(pixels))
+        if len(batches) == 2:
+            raise RuntimeError("the model failed")
+        return encode(pixels)
+
+    monkeypatch.setattr(encoder, "encode", fails_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="the model failed") as failure:
+        extract_images(ingested, num_workers=1, batch_size=4, decode="processes")
+    monkeypatch.undo()
+    assert failure.traceback  # still held, as a flow's failed task state holds it: the pool must be free anyway
+
+    summaries = []
+    again = threading.Thread(target=lambda: summaries.append(
+        extract_images(ingested, num_workers=1, batch_size=4, decode="processes")), daemon=True)
+    again.start()
+    again.join(timeout=300)
+    assert summaries, "the second extraction still waits for the decode processes the failed one held"
+    assert (summaries[0].encoded, summaries[0].already_done) == (8, 4)
+
+
 def test_long_extractions_log_their_progress(ingested: Workspace, monkeypatch, caplog) -> None:
     import crossalign.progress
 
@@ -470,12 +552,23 @@ def test_unknown_decode_mode_fails_before_any_work(extracted_once: tuple[Path, W
     corpus, _ = extracted_once
     workspace = Workspace(tmp_path / "ws")
     ingest_corpus(corpus, workspace, CORPUS)
-    with pytest.raises(ValueError, match="use one of threads, processes, nvjpeg, nvimgcodec"):
+    with pytest.raises(ValueError, match="use one of auto, threads, processes, nvjpeg, nvimgcodec"):
         extract_images(workspace, decode="fibres")
     for decode in ("nvjpeg", "nvimgcodec"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
             extract_images(workspace, decode=decode)
     assert not image_dir(workspace).exists()
+
+
+def test_auto_decode_is_threads_on_the_cpu_and_processes_on_a_gpu_outside_dask_workers() -> None:
+    assert resolve_decode("auto", on_gpu=False) == "threads"
+    assert resolve_decode("auto", on_gpu=True) == "processes"
+    assert resolve_decode("nvjpeg", on_gpu=True) == "nvjpeg"
+    # A multiprocessing pool's workers are daemonic, as a Dask worker is: they may not start processes.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.starmap(resolve_decode, [("auto", True), ("threads", True)]) == ["threads", "threads"]
+        with pytest.raises(ValueError, match="inside a daemonic process"):
+            pool.apply(resolve_decode, ("processes", False))
 
 
 def test_nvimgcodec_missing_names_the_package_to_install(monkeypatch) -> None:

@@ -148,8 +148,12 @@ def _encode_todo(
 
     progress = ProgressLog(logger, encoder.name, encoder.modality, len(todo), "encoded")  # for the run logs
     with tqdm(total=len(todo), desc=f"extract {encoder.name}", unit=encoder.modality, disable=None) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as shard_writer:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as shard_writer, \
+            contextlib.ExitStack() as cleanup:
         batch_iterator = iter(batches(todo) if todo else ())
+        # Closed now even on an error, not when the traceback lets go of it: the decode paths hold
+        # threads, and the shared decode processes (see `decode_pool`), until then.
+        cleanup.callback(getattr(batch_iterator, "close", lambda: None))
         while True:
             tick = time.perf_counter()
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -15,12 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from crossalign.corpus import read_captions, read_images
 from crossalign.encoders import ImageEncoder, TextEncoder
 from crossalign.encoders.base import can_compile_on_cpu
 from crossalign.encoders.composite import SEPARATOR, composite_parts
+from crossalign.extract.decode_pool import decode_image, decoded_batches
 from crossalign.extract.encoding import (
     BackoffEncoder,  # noqa: F401 - importable from here, as before the split
     ExtractSummary,
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 class ImageFiles(Dataset):
-    """Decode + preprocess images in DataLoader workers; a file that fails yields an error string."""
+    """Decode + preprocess images (the threads path); a file that fails yields an error string."""
 
     def __init__(self, uris: list[str], preprocess: Callable[[Image.Image], torch.Tensor], size: int) -> None:
         self.uris = uris
@@ -46,11 +48,7 @@ class ImageFiles(Dataset):
         return len(self.uris)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
-        try:
-            with Image.open(self.uris[index]) as img:
-                return index, self.preprocess(img), ""
-        except Exception as err:  # noqa: BLE001 - any decode failure becomes a recorded failure
-            return index, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(err).__name__}: {err}"
+        return index, *decode_image(self.uris[index], self.preprocess, self.size)
 
 
 def threaded_batches(
@@ -90,7 +88,7 @@ def gpu_batches(
 
 
 GPU_DECODE_MODES = ("nvjpeg", "nvimgcodec")
-DECODE_MODES = ("threads", "processes", *GPU_DECODE_MODES)
+DECODE_MODES = ("auto", "threads", "processes", *GPU_DECODE_MODES)
 COMPILE_MODES = ("auto", "on", "off")
 # "auto" compiles the image encoder on the CPU when at least this many images wait for it: compiling
 # costs 15-45 s on 2 cores and saves about 6 ms an image (Lite0 fp16: 60 -> 90+ images/s).
@@ -108,26 +106,52 @@ def should_compile(setting: str, device: torch.device, pending: Callable[[], int
     return device.type == "cpu" and can_compile_on_cpu() and pending() >= COMPILE_MIN_IMAGES
 
 
-def default_num_workers() -> int:
-    """Decode workers: one core is left to the main process (the model), at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def resolve_decode(decode: str, on_gpu: bool) -> str:
+    """The decode mode "auto" stands for: processes when feeding a GPU, threads on the CPU, where they were
+    faster with the model on the same cores (46 vs 40 images/s here); threads too inside a daemonic
+    process (a Dask worker), which may not start processes. Any other mode is itself.
+
+    On a GPU decoding is the bottleneck, and threads share one GIL: 15 of them fed an H200 1,268
+    images/s. Processes scale with the cores (two decode 1,600-2,000 images/s here), but the
+    persistent pool's rate on a GPU machine is not measured yet (`benchmarks/gpu_check.sh` does).
+
+    Raises:
+        ValueError: `decode` is not a mode, or is "processes" inside a daemonic process.
+    """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {decode!r}: use one of {', '.join(DECODE_MODES)}")
+    daemonic = multiprocessing.current_process().daemon
+    if decode == "processes" and daemonic:
+        raise ValueError("decode='processes' cannot start worker processes inside a daemonic process (a Dask worker "
+                         "is one, unless distributed.worker.daemon is false): use decode='threads' or 'auto'")
+    if decode == "auto":
+        return "processes" if on_gpu and not daemonic else "threads"
+    return decode
+
+
+def default_num_workers(decode: str = "threads", on_gpu: bool = False) -> int:
+    """Decode workers: CPU cores - 1 (the main process runs the model), at most 8; decode processes
+    feeding a GPU take every core but two (the main thread and its memory-pinning thread), at most 32."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    if decode == "processes" and on_gpu:
+        return max(1, min(32, cores - 2))
+    return max(1, min(8, cores - 1))
 
 
 def extract_image_features(
     workspace: Workspace, corpus: str, encoder_name: str = "efficientnet-lite0", *, device: str = "auto",
     precision: str = "auto", batch_size: int | None = None, shard_size: int = 4096, num_workers: int | None = None,
-    split: str | None = None, decode: str = "threads", only_ids: list[str] | None = None, compile: str = "auto",
+    split: str | None = None, decode: str = "auto", only_ids: list[str] | None = None, compile: str = "auto",
 ) -> ExtractSummary:
     """Encode the corpus images that have no features yet for `encoder_name` (of them, only `only_ids` if given).
 
-    Decoding runs on `num_workers` decoders (default: CPU cores - 1, at most 8; the main thread runs
-    the model). `batch_size` defaults to 32 on the CPU (measured fastest for Lite0 here) and 256 on
-    CUDA, where an out-of-memory batch is split instead of failing. `decode="threads"` (the default)
-    decodes in a pool of threads (Pillow releases the GIL while decoding); "processes" in spawned
-    DataLoader workers, which every call starts anew: about 4.7 s here (64 images: 5.9 s against 1.3 s
-    with threads), so they only pay off in long calls. Measured: threads were faster both on the
-    2-core CPU here (46 vs 40 images/s, Lite0) and on an H200 (1,127 vs 377-570 images/s, ResNet-50
-    bf16, calls of a few thousand images, where that start-up weighs most).
+    Decoding runs on `num_workers` decoders (default: `default_num_workers`). `batch_size` defaults
+    to 32 on the CPU (measured fastest for Lite0 here) and 256 on CUDA, where an out-of-memory batch is
+    split instead of failing. `decode="threads"` decodes in a pool of threads (Pillow releases the GIL
+    while decoding); "processes" in spawned worker processes, started by the first call of a process
+    (about 3 s here) and reused by every later one (see `crossalign.extract.decode_pool`). Both give
+    the same pixels. "auto" (the default) is threads on the CPU (faster here, where the model needs
+    the cores: 46 vs 40 images/s) and processes on CUDA (see `resolve_decode`).
     "nvjpeg" (CUDA only, opt-in) decodes and resizes on the GPU: on an H200 4,850 images/s end to end
     against 1,268 with threads (ResNet-50 bf16), but its pixels differ from PIL's enough to move
     Lite0's features (cosine 0.991 at worst), so the manifest records it and the two never mix.
@@ -147,8 +171,7 @@ def extract_image_features(
     Raises:
         FeatureMismatchError: the features directory belongs to another encoder setup.
     """
-    if decode not in DECODE_MODES:
-        raise ValueError(f"unknown decode mode {decode!r}: use one of {', '.join(DECODE_MODES)}")
+    resolve_decode(decode, on_gpu=False)  # an unknown mode fails before any work
     if SEPARATOR in encoder_name:  # several image encoders: each part into its own features directory
         options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
                    "num_workers": num_workers, "split": split, "decode": decode, "only_ids": only_ids,
@@ -163,6 +186,7 @@ def extract_image_features(
     size = encoder.preprocessing.get("size", 224)
     directory = workspace.features_dir(corpus, encoder.name)
     on_gpu = encoder.runtime.device.type == "cuda"
+    decode = resolve_decode(decode, on_gpu)
     batch_size = batch_size or (256 if on_gpu else 32)
 
     def pending() -> int:  # images of the corpus (all shards) without features
@@ -172,7 +196,7 @@ def extract_image_features(
     if not encoder.compiled and should_compile(compile, encoder.runtime.device, pending):
         logger.info("%s: compiling the encoder (once per process)", encoder.name)
         encoder.compile(batch_size)
-    num_workers = default_num_workers() if num_workers is None else num_workers
+    num_workers = default_num_workers(decode, on_gpu) if num_workers is None else num_workers
 
     if decode in GPU_DECODE_MODES and not on_gpu:
         raise ValueError(f"decode={decode!r} decodes on the GPU: it needs a CUDA device")
@@ -193,14 +217,9 @@ def extract_image_features(
             for positions, pixels, errors in threaded_batches(dataset, batch_size, num_workers or 1, pin=on_gpu):
                 yield [todo[p] for p in positions], pixels, errors
             return
-        loader = DataLoader(
-            dataset, batch_size=batch_size,
-            num_workers=num_workers, pin_memory=on_gpu,
-            multiprocessing_context="spawn" if num_workers > 0 else None,
-            persistent_workers=False,
-        )
-        for positions, pixels, errors in loader:
-            yield [todo[p] for p in positions.tolist()], pixels, list(errors)
+        for positions, pixels, errors in decoded_batches(dataset.uris, encoder.preprocess, size, batch_size,
+                                                         num_workers or 1, pin=on_gpu):
+            yield [todo[p] for p in positions], pixels, errors
 
     # With the model on a GPU the main process needs few CPU threads; idle OpenMP threads spinning there
     # would take the cores that the decode workers need.
