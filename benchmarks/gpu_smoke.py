@@ -2,9 +2,9 @@
 
 Run on a machine with a GPU: `python benchmarks/gpu_smoke.py [N_IMAGES]`. It writes a synthetic corpus,
 extracts image features on CUDA (auto precision and decode: processes, pinned memory; bf16 with decode
-threads; then nvJPEG decode on the GPU, and nvImageCodec's where it is installed) and on the CPU in fp32, compares them per item,
-runs a Hugging Face text encoder (a randomly initialised BERT, so no weights are needed) on both
-devices, and prints throughput. The last line is machine-readable.
+threads; then nvJPEG decode on the GPU, and nvImageCodec's where it is installed) and on the CPU in
+fp32, compares them per item, runs a Hugging Face text encoder (a randomly initialised BERT, so no
+weights are needed) on both devices, and prints throughput. The last line is machine-readable.
 """
 
 from __future__ import annotations
