@@ -114,6 +114,7 @@ def resolve_decode(decode: str, on_gpu: bool) -> str:
     On a GPU decoding is the bottleneck, and threads share one GIL: 15 of them fed an H200 1,268
     images/s. Processes scale with the cores (two decode 1,600-2,000 images/s here), but the
     persistent pool's rate on a GPU machine is not measured yet (`benchmarks/gpu_check.sh` does).
+    They are spawned, so a script that extracts with them needs the `if __name__ == "__main__":` guard.
 
     Raises:
         ValueError: `decode` is not a mode, or is "processes" inside a daemonic process.
