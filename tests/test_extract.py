@@ -416,6 +416,35 @@ def test_a_call_that_finds_the_decode_processes_in_use_waits_for_them(tmp_path: 
         assert errors == [e for _, e in expected] and errors[3].startswith("FileNotFoundError")
 
 
+def _decode_in_forked_child(paths: list[str], results: multiprocessing.Queue) -> None:
+    batches = decoded_batches(paths, ResizeCenterCrop(32), 32, batch_size=2, workers=1, pin=False)
+    results.put([(positions, pixels.sum().item()) for positions, pixels, _ in batches])
+
+
+def test_a_forked_child_starts_its_own_decode_processes(tmp_path: Path) -> None:
+    """A process forked after the pool started (by a library, say) must not send jobs to its parent's workers."""
+    paths = [str(tmp_path / write_picture(tmp_path, i, "train")["image"]) for i in range(5)]
+    expected = [(positions, pixels.sum().item()) for positions, pixels, _ in
+                decoded_batches(paths, ResizeCenterCrop(32), 32, batch_size=2, workers=1, pin=False)]
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    child = fork.Process(target=_decode_in_forked_child, args=(paths, results))
+    child.start()
+    try:
+        assert results.get(timeout=120) == expected
+    finally:
+        child.join(timeout=30)
+    assert child.exitcode == 0
+    # and the parent's pool still serves the parent (in a thread: a pool whose workers were stopped hangs)
+    again: list = []
+    parent = threading.Thread(target=lambda: again.extend(
+        (positions, pixels.sum().item()) for positions, pixels, _ in
+        decoded_batches(paths, ResizeCenterCrop(32), 32, batch_size=2, workers=1, pin=False)), daemon=True)
+    parent.start()
+    parent.join(timeout=120)
+    assert again == expected, "the parent's decode processes stopped answering after the fork"
+
+
 def test_an_extraction_that_fails_midway_frees_the_decode_processes(ingested: Workspace, monkeypatch) -> None:
     encoder = load_encoder_once(IMAGE_ENCODER, **ENCODER_RUNTIME)
     encode, batches = encoder.encode, []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -90,6 +91,12 @@ class DecodePool:
         finally:
             self._jobs.jobs = ()
 
+    def disown(self) -> None:
+        """Forget the workers without stopping them (in a forked child: they are the parent's)."""
+        iterator: Any = getattr(self._loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown = True  # its shutdown, run by close or the finaliser, now does nothing
+
     def close(self) -> None:
         """Stop the workers (a later call starts them again)."""
         iterator: Any = getattr(self._loader, "_iterator", None)
@@ -100,6 +107,26 @@ class DecodePool:
 
 _pools: dict[tuple[int, bool], DecodePool] = {}
 _pools_lock = threading.Lock()
+
+
+_inherited: list[DecodePool] = []
+
+
+def _forget_pools() -> None:
+    """In a forked child: the pools' workers belong to the parent, and a lock may have been held at the fork.
+
+    The inherited pools are disowned (and kept): the DataLoader's finaliser would otherwise tell the
+    parent's workers, through the queues both processes hold, to stop.
+    """
+    global _pools_lock
+    for pool in _pools.values():
+        pool.disown()
+        _inherited.append(pool)
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def decoded_batches(paths: list[str], preprocess: Preprocess, size: int, batch_size: int, workers: int,
