@@ -71,7 +71,6 @@ class DecodePool:
     def __init__(self, workers: int, pin: bool) -> None:
         if workers < 1:
             raise ValueError(f"a decode pool needs at least one worker, not {workers}")
-        self.workers, self.pin = workers, pin
         self._jobs = _CurrentJobs()
         self._loader = DataLoader(
             _BatchJobs(), batch_size=None, sampler=self._jobs, collate_fn=_identity, num_workers=workers,
