@@ -17,7 +17,15 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from crossalign.config import CorpusConfig, ExtractConfig, PipelineConfig, RunnerConfig, StoreConfig, TrainConfig
+from crossalign.config import (
+    CorpusConfig,
+    ExtractConfig,
+    PipelineConfig,
+    QueryBankConfig,
+    RunnerConfig,
+    StoreConfig,
+    TrainConfig,
+)
 
 app = typer.Typer(
     name="crossalign", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -47,9 +55,13 @@ Steps_ = Annotated[int, typer.Option(help="Training steps (early stopping may en
 Loss_ = Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")]
 Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
 InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
+Normalise_ = Annotated[str, typer.Option(
+    "--normalise", help="Scores of text -> image and image -> text: inverted_softmax (against the mapper's query "
+    "bank, against hubs), dynamic (QB-Norm), or none (raw cosine).")]
 DEFAULT_IMAGE_ENCODER = ExtractConfig.model_fields["image_encoder"].default  # one source of truth: the config
 DEFAULT_TEXT_ENCODER = ExtractConfig.model_fields["text_encoder"].default
 DEFAULT_DECODE = ExtractConfig.model_fields["decode"].default
+DEFAULT_NORMALISE = QueryBankConfig.model_fields["method"].default
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -111,14 +123,14 @@ def run(
     image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
     device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto",
     decode: Decode_ = DEFAULT_DECODE,
-    runner: Runner_ = "threads", dask_address: DaskAddress_ = None,
+    runner: Runner_ = "threads", dask_address: DaskAddress_ = None, normalise: Normalise_ = DEFAULT_NORMALISE,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
                "compile": compile, "decode": decode}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
-                     retrain=retrain, queries=query or [],
+                     retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
     _check_encoders(config)
     from flows.pipeline import pipeline
@@ -163,9 +175,12 @@ def evaluate(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"),
     split: Annotated[str, typer.Option(help="Corpus split to evaluate on.")] = "dev",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    fmt: Format = "auto",
+    fmt: Format = "auto", normalise: Normalise_ = DEFAULT_NORMALISE,
 ) -> None:
-    """Evaluate the workspace's current mapper on a corpus split (ingesting and extracting what is missing)."""
+    """Evaluate the workspace's current mapper on a corpus split (ingesting and extracting what is missing).
+
+    The metrics are those search gives (`--normalise`); the raw cosine ones follow with a `_raw` suffix.
+    """
     from crossalign.align import evaluate_current_mapper, load_mapper, metrics_table
     from crossalign.corpus import ingest_corpus
     from crossalign.extract import extract_image_features, extract_text_features
@@ -178,7 +193,7 @@ def evaluate(
     ingest_corpus(corpus_config.root, ws, corpus_config.corpus_name, fmt=corpus_config.format)
     extract_image_features(ws, corpus_config.corpus_name, mapper["image_encoder"]["encoder"], split=split)
     extract_text_features(ws, corpus_config.corpus_name, mapper["text_encoder"]["encoder"], split=split)
-    metrics = evaluate_current_mapper(ws, corpus_config.corpus_name, split)
+    metrics = evaluate_current_mapper(ws, corpus_config.corpus_name, split, normalise)
     typer.echo(json.dumps(metrics) if as_json else metrics_table(metrics))
 
 
@@ -200,6 +215,7 @@ def search(
     split: Annotated[Optional[str], typer.Option(help="Only results of this split.")] = None,
     corpus_name: Annotated[Optional[str], typer.Option("--corpus", help="Only results of this corpus.")] = None,
     mapper: Annotated[Optional[str], typer.Option(help="Search an older mapper's vectors (see `tables list`).")] = None,
+    normalise: Normalise_ = DEFAULT_NORMALISE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per hit.")] = False,
 ) -> None:
     """Search the tables: text -> image, image -> text, image -> image (--in images) or text -> text (--in captions).
@@ -218,7 +234,9 @@ def search(
         raise QueryError(f"unknown table {target!r} for --in: use images or captions")
     if mode != "vector" and (text is None or target != "captions"):
         raise QueryError(f"--mode {mode} searches caption text: use it with a text query and --in captions")
-    searcher = Searcher(workspace, mapper_id=mapper)
+    searcher = Searcher(workspace, mapper_id=mapper, normalisation=normalise)
+    if searcher.notice:
+        typer.secho(f"notice: {searcher.notice}", err=True)
     filters = {"split": split, "corpus": corpus_name}
     if text is not None and target == "images":
         hits = searcher.text_to_image(text, limit, **filters)
@@ -319,13 +337,15 @@ def train(
     text_encoder: Annotated[str, typer.Option(help="Whose cached caption features to train on.")] = (
         DEFAULT_TEXT_ENCODER),
     steps: Steps_ = 1500, loss: Loss_ = "infonce", lr: Lr_ = 1e-3, input_dropout: InputDropout_ = 0.5,
+    normalise: Normalise_ = DEFAULT_NORMALISE,
 ) -> None:
     """Train a new mapper on cached features and make it current (the `train` flow)."""
     from flows.train import train_flow
 
     config = _config(corpus, workspace, train_split, eval_split, fmt,
                      extract={"image_encoder": image_encoder, "text_encoder": text_encoder},
-                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout})
+                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
+                     querybank=QueryBankConfig(method=normalise))
     typer.echo(json.dumps(train_flow(config), indent=2, default=str))
 
 

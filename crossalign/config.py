@@ -105,6 +105,10 @@ class TrainConfig(_Section):
     depth: int = Field(default=1, ge=1, description="Layers per modality: 1 is the linear map, more an MLP.")
     hidden: int = Field(default=2048, gt=0, description="Hidden width of the MLP (depth > 1).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout between the MLP's layers.")
+    blocks: int = Field(default=0, ge=0, description="Residual adapter blocks (FuseMix) before the linear map, "
+                        "hidden wide; 0 is the plain linear map.")
+    mixup_alpha: float = Field(default=0.0, ge=0, description="Latent mixup (FuseMix): one λ ~ Beta(α, α) per "
+                               "step mixes pairs within the batch; 0 is off.")
     loss: Literal["infonce", "vsepp", "margin"] = Field(
         default="infonce",
         description="Symmetric InfoNCE with a learnable temperature, VSE++ (hardest in-batch negative), or the "
@@ -114,6 +118,22 @@ class TrainConfig(_Section):
     init_temperature: float = Field(default=0.07, gt=0)
     eval_every: int = Field(default=100, gt=0)
     seed: int = 0
+
+
+class QueryBankConfig(_Section):
+    """Query-bank normalisation against hubness: a bank of the training split's vectors is saved with the
+    mapper; each table row's normaliser against it is stored as a column; search re-ranks by it."""
+
+    method: Literal["none", "inverted_softmax", "dynamic"] = Field(
+        default="inverted_softmax",
+        description="How search and evaluate score: raw cosine ('none'), inverted softmax over the bank, or its "
+        "dynamic variant (QB-Norm: only queries whose nearest row is a hub of the bank).",
+    )
+    beta: float = Field(default=20.0, gt=0, description="Inverse temperature of the inverted softmax (saved with "
+                        "the mapper; chosen on Flickr8k dev).")
+    size: int = Field(default=10_000, gt=0, description="Bank size per modality: a random subsample of the "
+                      "training split when it is larger (saved with the mapper).")
+    seed: int = Field(default=0, description="Seed of the bank's subsample.")
 
 
 class StoreConfig(_Section):
@@ -159,6 +179,7 @@ class PipelineConfig(_Section):
     corpus: CorpusConfig
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    querybank: QueryBankConfig = Field(default_factory=QueryBankConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     queries: list[str] = Field(

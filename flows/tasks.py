@@ -162,12 +162,12 @@ def train(config: PipelineConfig) -> dict[str, Any]:
     options = t.model_dump(exclude={"train_split", "eval_split"})
     return fit_mapper(_workspace(config), config.corpus.corpus_name, config.extract.image_encoder,
                       config.extract.text_encoder, train_split=t.train_split, eval_split=t.eval_split,
-                      **options).to_dict()
+                      querybank=config.querybank, **options).to_dict()
 
 
 @task(name="evaluate")
 def evaluate(config: PipelineConfig, split: str) -> dict[str, Any]:
-    return evaluate_current_mapper(_workspace(config), config.corpus.corpus_name, split)
+    return evaluate_current_mapper(_workspace(config), config.corpus.corpus_name, split, config.querybank.method)
 
 
 @task(name="publish-metrics")
@@ -197,7 +197,8 @@ def embed(config: PipelineConfig) -> dict[str, Any]:
 def sample_searches(config: PipelineConfig, limit: int = 3) -> list[dict[str, Any]]:
     queries = config.queries or first_captions(_workspace(config), config.corpus.corpus_name,
                                                config.train.eval_split, images=3)
-    searcher = Searcher(_workspace(config), device=config.extract.device, precision=config.extract.precision)
+    searcher = Searcher(_workspace(config), device=config.extract.device, precision=config.extract.precision,
+                        normalisation=config.querybank.method)
     samples = [{"query": q, "hits": [h.to_dict() for h in searcher.text_to_image(q, limit)]} for q in queries]
     lines = [f"**{s['query']}**\n" + "".join(f"{h['rank']}. `{h['uri']}` ({h['score']:.3f})\n" for h in s["hits"])
              for s in samples]

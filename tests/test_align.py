@@ -25,7 +25,7 @@ from crossalign.align import (
 from crossalign.align.cca import fit_cca
 from crossalign.align.data import PairedFeatures, load_paired_features
 from crossalign.align.loss import ClipLoss, MarginLoss, VSEppLoss, make_loss, negatives_mask
-from crossalign.align.mapper import check_encoder
+from crossalign.align.mapper import check_encoder, load_querybank
 from crossalign.align.train import OneCaptionPerImageSampler, evaluate_mapper, train_mapper
 from crossalign.align.zeroshot import class_embeddings, zero_shot_accuracy
 from crossalign.corpus import read_captions, read_images
@@ -378,7 +378,7 @@ def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[W
     directory = workspace.mapper_dir(summary.mapper_id)
     assert Path(summary.mapper_dir) == directory
     assert {p.name for p in directory.iterdir()} == {"model.safetensors", "config.json", "metrics.json",
-                                                     "report.md", "recall_at_k.png"}
+                                                     "report.md", "recall_at_k.png", "querybank.parquet"}
     assert workspace.current_mapper_id() == summary.mapper_id
     assert workspace.require_current_mapper() == directory
     config = json.loads((directory / "config.json").read_text())
@@ -392,6 +392,19 @@ def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[W
     assert saved["split"] == "dev" and saved["rsum"] == summary.metrics["rsum"]
     assert saved["history"] == summary.history
     assert summary.metrics["images"] == 4.0  # evaluated on the dev split
+    # The query bank: the training split's joint vectors (all of them: fewer than the bank size), saved with
+    # the mapper; the reported metrics are the normalised ones, the raw ones beside them.
+    train = load_paired_features(workspace, corpus, "train", IMAGE_ENCODER, TEXT_ENCODER)
+    model, _ = load_mapper(directory)
+    bank = load_querybank(directory, config)
+    with torch.no_grad():
+        torch.testing.assert_close(bank.text, model.encode_text(train.captions))
+        torch.testing.assert_close(bank.image, model.encode_image(train.images))
+    assert bank.image_keys == tuple(train.image_ids)  # each bank row keyed by its image, to leave own pairs out
+    assert bank.text_keys == tuple(train.image_ids[i] for i in train.caption_image)
+    assert config["querybank"] == {"split": "train", "seed": 0, "method": "inverted_softmax", "beta": 20.0,
+                                   "text_size": len(train.captions), "image_size": len(train.images)}
+    assert summary.metrics["normalisation"] == "inverted_softmax" and "rsum_raw" in summary.metrics
 
     evaluated = evaluate_current_mapper(workspace, corpus, "dev")
     assert evaluated["mapper_id"] == summary.mapper_id
@@ -526,8 +539,11 @@ def test_mapper_report_has_the_metrics_table_and_a_recall_plot(features_copy: tu
     assert metrics_table(summary.metrics) in report and "![recall@K](recall_at_k.png)" in report
     with Image.open(directory / "recall_at_k.png") as plot:
         assert plot.format == "PNG" and plot.size == (600, 400)
-    model, _ = load_mapper(directory)
-    curves = recall_curves(model, load_paired_features(workspace, corpus, "dev", IMAGE_ENCODER, TEXT_ENCODER))
+    model, config = load_mapper(directory)
+    dev = load_paired_features(workspace, corpus, "dev", IMAGE_ENCODER, TEXT_ENCODER)
+    with torch.no_grad():
+        curves = recall_curves(model.encode_image(dev.images), model.encode_text(dev.captions), dev.caption_image,
+                               load_querybank(directory, config), summary.metrics["normalisation"])
     text_to_image = curves["text → image"]
     assert len(text_to_image) == 50 and text_to_image == sorted(text_to_image)  # recall grows with K
     assert round(text_to_image[0], 2) == summary.metrics["t2i_r1"]  # the metrics round to 2 decimals

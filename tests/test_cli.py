@@ -52,7 +52,8 @@ def test_search_text_lists_images_with_scores(cli_workspace):
     assert len(lines) == 3
     for line in lines:
         rank, score, path = line.split(maxsplit=2)
-        assert -1.0 <= float(score) <= 1.0 and Path(path).exists()
+        # cosine less the row's query-bank normaliser (both in [-1, 1])
+        assert -2.0 <= float(score) <= 2.0 and Path(path).exists()
 
 
 def test_search_image_json(cli_workspace):
@@ -143,6 +144,38 @@ def test_evaluate_json(cli_workspace):
     six = [metrics[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
     assert metrics["rsum"] == pytest.approx(sum(six), abs=0.05)
     assert metrics["split"] == "dev" and metrics["t2i_medr"] >= 1
+    # what search ranks by (normalised by default), and the raw cosine metrics beside them
+    assert metrics["normalisation"] == "inverted_softmax"
+    raw_six = [metrics[f"{d}_r{k}_raw"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    assert metrics["rsum_raw"] == pytest.approx(sum(raw_six), abs=0.05) and "t2i_medr_raw" in metrics
+    raw = runner.invoke(app, ["evaluate", "--workspace", str(workspace), "--corpus", str(corpus), "--split", "dev",
+                              "--json", "--normalise", "none"])
+    raw_metrics = json.loads(raw.stdout.strip().splitlines()[-1])
+    assert raw_metrics["normalisation"] == "none"
+    assert raw_metrics["rsum"] == raw_metrics["rsum_raw"] == metrics["rsum_raw"]
+
+
+def test_tables_built_before_normalisers_search_raw_with_a_one_line_notice(cli_workspace, tmp_path):
+    import shutil
+
+    import lancedb
+
+    from crossalign.store.schema import NORMALISER_COLUMN
+
+    _, workspace, _ = cli_workspace
+    old = tmp_path / "ws"
+    shutil.copytree(workspace, old)
+    db = lancedb.connect(str(old / "lancedb"))
+    for name in ("images", "captions"):  # as tables written before the column existed
+        db.open_table(name).drop_columns([NORMALISER_COLUMN])
+
+    result = runner.invoke(app, ["search", "--workspace", str(old), "--text", "a blue square", "--json"])
+
+    assert result.exit_code == 0, result.output
+    notices = result.stderr.strip().splitlines()
+    assert len(notices) == 1 and notices[0].startswith("notice: ") and "raw cosine" in notices[0]
+    hits = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert hits and all("cosine" not in h and -1.0 <= h["score"] <= 1.0 for h in hits)
 
 
 @pytest.mark.parametrize(
@@ -156,6 +189,7 @@ def test_evaluate_json(cli_workspace):
         (["search", "a dog", "--workspace", "{ws}", "--mode", "hybrid"], "use it with a text query and --in captions"),
         (["search", "a dog", "--workspace", "{ws}", "--in", "captions", "--mode", "fuzzy"], "unknown search mode"),
         (["search", "a dog", "-w", "{ws}", "--mapper", "mapper-nope"], "holds no vectors of mapper mapper-nope"),
+        (["search", "a dog", "-w", "{ws}", "--normalise", "softmax"], "unknown normalisation 'softmax'"),
         (["tables", "list", "--workspace", "{empty}"], "no tables in"),
         (["tables", "cleanup", "--workspace", "{empty}"], "no tables in"),
         (["search", "--workspace", "{ws}", "--image", "{missing}"], "does not exist"),

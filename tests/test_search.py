@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture, ingest_and_extract, write_tiny_corpus
 
 from crossalign.align import fit_mapper
 from crossalign.corpus import read_captions, read_images
 from crossalign.search import QueryError, Searcher, search_text
 from crossalign.store import IMAGES_TABLE, StoreMismatchError, connect, embed_corpus, table_metadata
+from crossalign.store.schema import NORMALISER_COLUMN
 from crossalign.workspace import Workspace, WorkspaceError
 
 # Enough steps to memorise the 8 training pictures. Selection runs on the training split too, so the
@@ -87,14 +89,31 @@ def test_an_unseen_file_of_a_known_picture_finds_its_captions(
     assert f"a picture of a {colour} {shape}" in [hit.text for hit in hits]
 
 
-def test_hits_are_ranked_by_cosine_similarity(searcher: Searcher) -> None:
+def test_hits_are_ranked_by_the_normalised_score(built: tuple[Path, Workspace, str], searcher: Searcher) -> None:
     hits = searcher.text_to_image("a blue triangle on a white background", limit=5)
 
+    assert searcher.normalisation == "inverted_softmax" and searcher.notice is None
     assert [hit.rank for hit in hits] == [1, 2, 3, 4, 5]
     scores = [hit.score for hit in hits]
-    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+    assert scores == sorted(scores, reverse=True)
     assert all(Path(hit.uri).is_file() and hit.split in {"train", "dev"} for hit in hits)
-    assert set(hits[0].to_dict()) == {"rank", "score", "id", "uri", "split", "corpus"}  # no None fields
+    assert set(hits[0].to_dict()) == {"rank", "score", "cosine", "id", "uri", "split", "corpus"}  # no None fields
+    stored = {r["id"]: r[NORMALISER_COLUMN] for r in connect(built[1]).open_table(IMAGES_TABLE).to_arrow().to_pylist()}
+    for hit in hits:  # what a plain lancedb reader computes from the column
+        assert hit.score == pytest.approx(hit.cosine - stored[hit.id], abs=2e-4) and -1.0 <= hit.cosine <= 1.0
+
+
+def test_raw_search_ranks_by_cosine_similarity(built: tuple[Path, Workspace, str]) -> None:
+    raw = Searcher(built[1], normalisation="none", **ENCODER_RUNTIME)
+    hits = raw.text_to_image("a blue triangle on a white background", limit=5)
+
+    scores = [hit.score for hit in hits]
+    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+    assert set(hits[0].to_dict()) == {"rank", "score", "id", "uri", "split", "corpus"}
+    query = raw.embed_text("a blue triangle on a white background")
+    table = connect(built[1]).open_table(IMAGES_TABLE)
+    vectors = {r["id"]: np.array(r["vector"]) for r in table.to_arrow().to_pylist()}
+    assert scores == pytest.approx([float(vectors[h.id] @ query) for h in hits], abs=1e-4)
 
 
 def test_limit_caps_the_number_of_hits(searcher: Searcher) -> None:
@@ -299,3 +318,24 @@ def test_tables_naming_other_encoders_than_their_mapper_are_refused(built: tuple
     with pytest.raises(StoreMismatchError, match="expects image features of efficientnet-lite2, but the tables name"):
         Searcher(copy, **ENCODER_RUNTIME)
     assert table_metadata(connect(copy).open_table(IMAGES_TABLE).schema)["image_encoder"]["encoder"] == IMAGE_ENCODER
+
+
+@pytest.mark.parametrize("method", ["inverted_softmax", "dynamic"])
+def test_normalised_search_equals_exhaustive_scoring_of_the_table(built: tuple[Path, Workspace, str],
+                                                                   method: str) -> None:
+    from crossalign.align.mapper import load_querybank
+    from crossalign.align.querybank import GalleryNorm, bank_top, hub_flags
+
+    workspace = built[1]
+    searcher = Searcher(workspace, normalisation=method, **ENCODER_RUNTIME)
+    stored = connect(workspace).open_table(IMAGES_TABLE).to_arrow().to_pylist()
+    vectors = torch.tensor(np.array([r["vector"] for r in stored], dtype=np.float32))
+    bank = load_querybank(workspace.mapper_dir(searcher.metadata["mapper_id"]), searcher.mapper_config)
+    _, top = bank_top([vectors], bank.text)
+    norm = GalleryNorm(method, torch.tensor([r[NORMALISER_COLUMN] for r in stored]), hub_flags(len(stored), top))
+    for text in ("a blue triangle on a white background", "stripes", "a picture of a green square"):
+        hits = searcher.text_to_image(text, limit=6)
+        scores = norm.apply(torch.from_numpy(searcher.embed_text(text))[None, :] @ vectors.T)[0]
+        expected = [stored[i]["id"] for i in scores.argsort(descending=True)[:6]]
+        assert [hit.id for hit in hits] == expected, text
+        assert [hit.score for hit in hits] == pytest.approx(scores.sort(descending=True).values[:6].tolist(), abs=2e-4)

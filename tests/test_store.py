@@ -15,6 +15,7 @@ import torch
 from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_picture, write_records, write_tiny_corpus
 
 from crossalign.align import MapperMismatchError, fit_mapper, load_mapper
+from crossalign.align.mapper import load_querybank
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract import FeatureManifest, read_features
 from crossalign.store import (
@@ -31,6 +32,7 @@ from crossalign.store import (
     table_names,
     upsert_rows,
 )
+from crossalign.store.schema import NORMALISER_COLUMN
 from crossalign.workspace import Workspace, WorkspaceError
 
 TRAIN_OPTIONS = {"dim": 32, "steps": 40, "batch_size": 8, "eval_every": 20, "warmup_steps": 5, "input_dropout": 0.0}
@@ -410,3 +412,80 @@ def test_metric_is_selectable_and_recorded(ws: tuple[Path, Workspace, str], metr
     assert table_metadata(db.open_table(IMAGES_TABLE).schema)["metric"] == metric
     with pytest.raises(ValueError, match="unknown distance metric 'hamming'"):
         embed_corpus(workspace, corpus, metric="hamming")
+
+
+def normalisers(workspace: Workspace, table: str) -> dict[str, float]:
+    return {r["id"]: r[NORMALISER_COLUMN] for r in rows(workspace, table)}
+
+
+def expected_normalisers(workspace: Workspace, table: str) -> dict[str, float]:
+    """Each row's normaliser recomputed from its stored vector and the current mapper's query bank."""
+    directory = workspace.require_current_mapper()
+    _, config = load_mapper(directory)
+    bank = load_querybank(directory, config)
+    stored = rows(workspace, table)
+    vectors = torch.tensor(np.array([r["vector"] for r in stored], dtype=np.float32))
+    keys = [r["id"] if table == IMAGES_TABLE else r["image_id"] for r in stored]
+    values = bank.normaliser(vectors, "image" if table == IMAGES_TABLE else "text", keys)
+    return {r["id"]: float(v) for r, v in zip(stored, values)}
+
+
+def test_every_row_carries_its_query_bank_normaliser(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.normalised_rows == 12 + 28 and summary.normaliser_seconds >= 0
+    for table in (IMAGES_TABLE, CAPTIONS_TABLE):
+        assert normalisers(workspace, table) == pytest.approx(expected_normalisers(workspace, table), abs=1e-5)
+        # a plain column of the table: readable and filterable without crossalign
+        column = lancedb.connect(str(workspace.lancedb_uri)).open_table(table).schema.field(NORMALISER_COLUMN)
+        assert column.type == pa.float32()
+    metadata = table_metadata(lancedb.connect(str(workspace.lancedb_uri)).open_table(IMAGES_TABLE).schema)
+    assert metadata["querybank"]["beta"] == 20.0
+
+
+def test_incremental_embed_computes_normalisers_only_for_new_rows(ws: tuple[Path, Workspace, str]) -> None:
+    corpus_root, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    before = {table: normalisers(workspace, table) for table in (IMAGES_TABLE, CAPTIONS_TABLE)}
+    new = write_picture(corpus_root, 12, "train")
+    write_records(corpus_root, [new], mode="a")
+    ingest_and_extract(corpus_root, workspace, corpus)
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.normalised_rows == 1 + len(new["captions"])
+    for table in (IMAGES_TABLE, CAPTIONS_TABLE):
+        after, expected = normalisers(workspace, table), expected_normalisers(workspace, table)
+        added = set(after) - set(before[table])
+        assert len(added) == (1 if table == IMAGES_TABLE else len(new["captions"]))
+        assert {k: after[k] for k in before[table]} == before[table]  # old rows untouched, bit for bit
+        assert {k: after[k] for k in added} == pytest.approx({k: expected[k] for k in added}, abs=1e-5)
+    assert embed_corpus(workspace, corpus).normalised_rows == 0  # nothing new: nothing computed
+
+
+def test_a_new_mapper_recomputes_every_normaliser(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    embed_corpus(workspace, corpus)
+    first = {table: normalisers(workspace, table) for table in (IMAGES_TABLE, CAPTIONS_TABLE)}
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 5})
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.rebuilt and summary.normalised_rows == 12 + 28
+    for table in (IMAGES_TABLE, CAPTIONS_TABLE):
+        after = normalisers(workspace, table)
+        assert after == pytest.approx(expected_normalisers(workspace, table), abs=1e-5)
+        assert after != first[table]
+
+
+def test_a_mapper_without_a_query_bank_stores_null_normalisers(ws: tuple[Path, Workspace, str]) -> None:
+    _, workspace, corpus = ws
+    directory = workspace.require_current_mapper()  # as a mapper saved before banks were
+    (directory / "querybank.parquet").unlink()
+
+    summary = embed_corpus(workspace, corpus)
+
+    assert summary.normalised_rows == 0
+    assert set(normalisers(workspace, IMAGES_TABLE).values()) == {None}

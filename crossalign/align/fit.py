@@ -10,11 +10,13 @@ from typing import Any
 import torch
 
 from crossalign.align.cca import fit_cca
-from crossalign.align.data import load_paired_features
-from crossalign.align.mapper import check_encoder, load_mapper, save_mapper
-from crossalign.align.metrics import metrics_table, retrieval_metrics
+from crossalign.align.data import PairedFeatures, load_paired_features
+from crossalign.align.mapper import JointMapper, check_encoder, load_mapper, load_querybank, save_mapper
+from crossalign.align.metrics import metrics_table, normalised_metrics
+from crossalign.align.querybank import QueryBank, check_method, sample_rows
 from crossalign.align.report import recall_curves, write_report
 from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
+from crossalign.config import QueryBankConfig
 from crossalign.workspace import Workspace, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -37,12 +39,16 @@ class FitSummary:
 
 def fit_mapper(
     workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, *, train_split: str = "train",
-    eval_split: str = "dev", **train_options: Any,
+    eval_split: str = "dev", querybank: QueryBankConfig | None = None, **train_options: Any,
 ) -> FitSummary:
     """Train a mapper on `train_split`'s cached features, select on `eval_split`, save it as current.
 
-    Writes `mappers/<id>/model.safetensors`, `config.json` and `metrics.json`.
+    The mapper is selected on raw cosine scores; then its query bank (`querybank.size` vectors of each
+    modality of the training split) is saved with it, and the reported metrics are those search gives
+    under `querybank.method`, with the raw ones beside them (`<key>_raw`).
+    Writes `mappers/<id>/model.safetensors`, `querybank.parquet`, `config.json` and `metrics.json`.
     """
+    querybank = querybank or QueryBankConfig()
     train = load_paired_features(workspace, corpus, train_split, image_encoder, text_encoder)
     dev = load_paired_features(workspace, corpus, eval_split, image_encoder, text_encoder)
     logger.info("training on %d images / %d captions of %s:%s; selecting on %d images of %s",
@@ -56,41 +62,81 @@ def fit_mapper(
         result = train_mapper(train, dev, **train_options)
     else:
         raise ValueError(f"unknown method {method!r}: use train or cca")
+    start = time.perf_counter()
+    bank = build_querybank(result.model, train, querybank)
+    metrics, image_emb, text_emb = _evaluate(result.model, dev, bank, querybank.method)
+    bank_seconds = round(time.perf_counter() - start, 2)
     config = {
-        "kind": "cca" if method == "cca" else ("linear" if train_options.get("depth", 1) == 1 else "mlp"),
+        "kind": _kind(method, train_options),
         "depth": train_options.get("depth", 1), "hidden": train_options.get("hidden", 2048),
+        "blocks": train_options.get("blocks", 0),
         "loss": None if method == "cca" else train_options.get("loss", "infonce"),
         "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
         "dim": result.model.dim, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
         "best_step": result.best_step, "temperature": round(1.0 / result.model.scale().item(), 5),
+        "querybank": {"split": train_split, "seed": querybank.seed, "method": querybank.method},
     }
-    mapper_id = save_mapper(result.model, config, workspace.root / "mappers")
+    mapper_id = save_mapper(result.model, config, workspace.root / "mappers", bank)
     mapper_dir = workspace.mapper_dir(mapper_id)
-    write_json_atomic(mapper_dir / "metrics.json", {"split": eval_split, "corpus": corpus, **result.metrics,
+    write_json_atomic(mapper_dir / "metrics.json", {"split": eval_split, "corpus": corpus, **metrics,
                                                     "history": result.history})
-    write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", result.metrics, recall_curves(result.model, dev))
+    write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", metrics,
+                 recall_curves(image_emb, text_emb, dev.caption_image, bank, querybank.method, dev.image_ids))
     workspace.set_current_mapper(mapper_id)
-    logger.info("mapper %s saved; %s", mapper_id, metrics_table(result.metrics).replace("\n", " "))
-    return FitSummary(mapper_id, str(mapper_dir), result.best_step, result.seconds, result.metrics, result.history)
+    logger.info("mapper %s saved (query bank and dev metrics in %.1fs); %s", mapper_id, bank_seconds,
+                metrics_table(metrics).replace("\n", " "))
+    return FitSummary(mapper_id, str(mapper_dir), result.best_step, result.seconds, metrics, result.history)
 
 
-def evaluate_current_mapper(workspace: Workspace, corpus: str, split: str) -> dict[str, float]:
-    """Retrieval metrics of the workspace's current mapper on `split` of `corpus` (features must exist).
+def _kind(method: str, options: dict[str, Any]) -> str:
+    if method == "cca":
+        return "cca"
+    if options.get("blocks", 0):
+        return "residual"
+    return "linear" if options.get("depth", 1) == 1 else "mlp"
+
+
+@torch.no_grad()
+def build_querybank(model: JointMapper, train: PairedFeatures, config: QueryBankConfig) -> QueryBank:
+    """The mapper's query bank: joint vectors of up to `config.size` training captions and images (a random
+    subsample of each when there are more), keyed by the image each belongs to."""
+    model.eval()
+    captions = sample_rows(len(train.captions), config.size, config.seed)
+    images = sample_rows(len(train.images), config.size, config.seed)
+    return QueryBank(text=model.encode_text(train.captions[captions]), image=model.encode_image(train.images[images]),
+                     beta=config.beta, text_keys=tuple(train.image_ids[i] for i in train.caption_image[captions]),
+                     image_keys=tuple(train.image_ids[i] for i in images))
+
+
+@torch.no_grad()
+def _evaluate(model: JointMapper, data: PairedFeatures, bank: QueryBank | None,
+              method: str) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    model.eval()
+    image_emb, text_emb = model.encode_image(data.images), model.encode_text(data.captions)
+    metrics = normalised_metrics(image_emb, text_emb, data.caption_image, bank, method, data.image_ids)
+    return metrics, image_emb, text_emb
+
+
+def evaluate_current_mapper(workspace: Workspace, corpus: str, split: str,
+                            method: str | None = None) -> dict[str, Any]:
+    """Retrieval metrics of the workspace's current mapper on `split` of `corpus` (features must exist):
+    scored as search scores them under `method` (default: `QueryBankConfig().method`), with the raw
+    metrics beside them (`<key>_raw`); a mapper saved without a query bank reports raw scores.
 
     Raises:
         WorkspaceError: no mapper, or no features for the split.
         MapperMismatchError: the corpus features come from other encoders than the mapper's.
     """
-    model, config = load_mapper(workspace.require_current_mapper())
+    method = check_method(method or QueryBankConfig().method)
+    mapper_dir = workspace.require_current_mapper()
+    model, config = load_mapper(mapper_dir)
     data = load_paired_features(workspace, corpus, split, config["image_encoder"]["encoder"],
                                 config["text_encoder"]["encoder"])
     check_encoder(config, "image", data.image_encoder)
     check_encoder(config, "text", data.text_encoder)
-    with torch.no_grad():
-        metrics = retrieval_metrics(model.encode_image(data.images), model.encode_text(data.captions),
-                                    data.caption_image)
+    metrics, _, _ = _evaluate(model, data, load_querybank(mapper_dir, config), method)
     return {"mapper_id": config["mapper_id"], "corpus": corpus, "split": split, **metrics}
 
 

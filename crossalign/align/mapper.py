@@ -8,14 +8,19 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crossalign.align.querybank import QueryBank
 from crossalign.workspace import write_json_atomic
 
 MAX_LOGIT_SCALE = 100.0
+QUERYBANK_FILE = "querybank.parquet"
 
 
 class MapperMismatchError(ValueError):
@@ -41,9 +46,27 @@ class InputDropout(nn.Module):
         return x * keep * (256.0 / (256 - self.threshold))
 
 
-def projection(in_dim: int, dim: int, depth: int = 1, hidden: int = 2048, dropout: float = 0.0) -> nn.Module:
-    """One modality's map into the joint space: linear (`depth=1`), or an MLP of `depth` layers
-    (`hidden` wide, GELU, dropout between layers)."""
+class ResidualBlock(nn.Module):
+    """`x + MLP(LayerNorm(x))`, the adapter block of FuseMix (Vouitsis et al., CVPR 2024)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def projection(in_dim: int, dim: int, depth: int = 1, hidden: int = 2048, dropout: float = 0.0,
+               blocks: int = 0) -> nn.Module:
+    """One modality's map into the joint space: linear (`depth=1`), an MLP of `depth` layers (`hidden` wide,
+    GELU, dropout between layers), or `blocks` residual adapter blocks (`hidden` wide) then LayerNorm + linear."""
+    if blocks and depth != 1:
+        raise ValueError("residual blocks replace the MLP: use blocks with depth 1")
+    if blocks:
+        return nn.Sequential(*(ResidualBlock(in_dim, hidden, dropout) for _ in range(blocks)),
+                             nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
     if depth == 1:
         return nn.Linear(in_dim, dim)
     layers: list[nn.Module] = []
@@ -61,15 +84,16 @@ class JointMapper(nn.Module):
     """
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, input_dropout: float = 0.0,
-                 init_temperature: float = 0.07, depth: int = 1, hidden: int = 2048, dropout: float = 0.0) -> None:
+                 init_temperature: float = 0.07, depth: int = 1, hidden: int = 2048, dropout: float = 0.0,
+                 blocks: int = 0) -> None:
         super().__init__()
         self.dim = dim
         self.register_buffer("image_mean", torch.zeros(image_dim))
         self.register_buffer("image_std", torch.ones(image_dim))
         self.register_buffer("text_mean", torch.zeros(text_dim))
         self.register_buffer("text_std", torch.ones(text_dim))
-        self.image_proj = projection(image_dim, dim, depth, hidden, dropout)
-        self.text_proj = projection(text_dim, dim, depth, hidden, dropout)
+        self.image_proj = projection(image_dim, dim, depth, hidden, dropout, blocks)
+        self.text_proj = projection(text_dim, dim, depth, hidden, dropout, blocks)
         self.dropout = InputDropout(input_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
@@ -103,10 +127,12 @@ class JointMapper(nn.Module):
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
-def save_mapper(model: JointMapper, config: dict[str, Any], directory_root: Path) -> str:
-    """Save weights (safetensors) and config (JSON) under `directory_root/<mapper_id>/`.
+def save_mapper(model: JointMapper, config: dict[str, Any], directory_root: Path,
+                querybank: QueryBank | None = None) -> str:
+    """Save weights (safetensors), config (JSON) and the query bank under `directory_root/<mapper_id>/`.
 
-    The mapper id is derived from the weights, so the same training gives the same id.
+    The mapper id is derived from the weights and the bank, so the same training gives the same id, and
+    a bank is versioned with the mapper it belongs to (`querybank.parquet`, its β in the config).
 
     Returns:
         The mapper id.
@@ -116,12 +142,37 @@ def save_mapper(model: JointMapper, config: dict[str, Any], directory_root: Path
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].numpy().tobytes())
+    bank = None
+    if querybank is not None:
+        bank = _querybank_table(querybank)
+        digest.update(f"querybank beta={querybank.beta!r}".encode())
+        for column in bank.columns:
+            for chunk in column.chunks:
+                for buffer in chunk.buffers():
+                    digest.update(b"" if buffer is None else buffer)
+        config = {**config, "querybank": {**config.get("querybank", {}), "beta": querybank.beta,
+                                          "text_size": len(querybank.text), "image_size": len(querybank.image)}}
     mapper_id = "mapper-" + digest.hexdigest()[:12]
     directory = Path(directory_root) / mapper_id
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / "model.safetensors"))
+    if bank is not None:
+        pq.write_table(bank, directory / QUERYBANK_FILE)
     write_json_atomic(directory / "config.json", {**config, "mapper_id": mapper_id})
     return mapper_id
+
+
+def _querybank_table(bank: QueryBank) -> pa.Table:
+    """The bank as one table: modality, key (the image id a row belongs to) and joint vector."""
+    parts = []
+    for modality, vectors, keys in (("text", bank.text, bank.text_keys), ("image", bank.image, bank.image_keys)):
+        array = vectors.detach().cpu().float().contiguous().numpy()
+        parts.append(pa.table({
+            "modality": pa.array([modality] * len(array), pa.string()),
+            "key": pa.array(list(keys) if keys else [None] * len(array), pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1]),
+        }))
+    return pa.concat_tables(parts)
 
 
 def load_mapper(directory: Path) -> tuple[JointMapper, dict[str, Any]]:
@@ -129,9 +180,27 @@ def load_mapper(directory: Path) -> tuple[JointMapper, dict[str, Any]]:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     model = JointMapper(config["image_dim"], config["text_dim"], config["dim"], depth=config.get("depth", 1),
-                        hidden=config.get("hidden", 2048))
+                        hidden=config.get("hidden", 2048), blocks=config.get("blocks", 0))
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval(), config
+
+
+def load_querybank(directory: Path, config: dict[str, Any]) -> QueryBank | None:
+    """The query bank saved with a mapper, or None for a mapper trained before banks were saved."""
+    path = Path(directory) / QUERYBANK_FILE
+    if "querybank" not in config or not path.exists():
+        return None
+    table = pq.read_table(path)
+    parts = {}
+    for modality in ("text", "image"):
+        rows = table.filter(pc.equal(table.column("modality"), modality))
+        vectors = rows.column("vector").combine_chunks()
+        dim = vectors.type.list_size
+        keys = rows.column("key").to_pylist()
+        parts[modality] = (torch.from_numpy(vectors.flatten().to_numpy().reshape(-1, dim).copy()),
+                           tuple(keys) if None not in keys else ())
+    return QueryBank(text=parts["text"][0], image=parts["image"][0], beta=config["querybank"]["beta"],
+                     text_keys=parts["text"][1], image_keys=parts["image"][1])
 
 
 def check_encoder(config: dict[str, Any], modality: str, encoder: dict[str, Any]) -> None:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from crossalign.align.data import PairedFeatures
-from crossalign.align.mapper import JointMapper
 from crossalign.align.metrics import metrics_table, retrieval_ranks
+from crossalign.align.querybank import QueryBank
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,10 +30,17 @@ PLOT_DPI = 100
 
 
 @torch.no_grad()
-def recall_curves(model: JointMapper, data: PairedFeatures, max_k: int = MAX_K) -> dict[str, list[float]]:
-    """Recall@K in percent for K = 1..max_k, text -> image and image -> text."""
-    model.eval()
-    t2i, i2t = retrieval_ranks(model.encode_image(data.images), model.encode_text(data.captions), data.caption_image)
+def recall_curves(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: torch.Tensor,
+                  bank: QueryBank | None = None, method: str = "none", image_ids: Sequence[str] | None = None,
+                  max_k: int = MAX_K) -> dict[str, list[float]]:
+    """Recall@K in percent for K = 1..max_k, text -> image and image -> text, scored under `method`
+    (`image_ids` as in `crossalign.align.metrics.normalised_metrics`)."""
+    norms = {}
+    if bank is not None and method != "none":
+        caption_keys = None if image_ids is None else [image_ids[i] for i in caption_image.tolist()]
+        norms = {"image_norm": bank.gallery_norm(method, image_emb, "image", image_ids),
+                 "text_norm": bank.gallery_norm(method, text_emb, "text", caption_keys)}
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, **norms)
     ks = torch.arange(1, max_k + 1)
     return {name: (100.0 * (ranks[None, :] < ks[:, None]).float().mean(1)).tolist()
             for name, ranks in (("text → image", t2i), ("image → text", i2t))}

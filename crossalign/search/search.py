@@ -12,10 +12,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from crossalign.align.mapper import check_encoder, load_mapper
+from crossalign.align.mapper import check_encoder, load_mapper, load_querybank
+from crossalign.align.querybank import check_method
+from crossalign.config import QueryBankConfig
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
+from crossalign.search.rerank import NormalisedRanker
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
 from crossalign.store.index import apply_plan, plan_index
+from crossalign.store.schema import NORMALISER_COLUMN
 from crossalign.store.tables import quote
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -35,13 +39,16 @@ class QueryError(ValueError):
 class SearchHit:
     """One result: rank (1-based), score and what was found.
 
-    The score is the cosine similarity for vector search (the vectors are unit length, so every metric
-    ranks alike), BM25 for full-text search and the reciprocal-rank-fusion score for hybrid search.
+    The score is what the hits are ranked by: for a cross-modal vector search with query-bank
+    normalisation, the cosine similarity less the row's normaliser (`cosine` then holds the raw cosine);
+    for other vector searches the cosine similarity (the vectors are unit length, so every metric ranks
+    alike); BM25 for full-text search and the reciprocal-rank-fusion score for hybrid search.
     """
 
     rank: int
     score: float
     id: str
+    cosine: float | None = None  # the raw cosine similarity, when `score` is normalised
     uri: str | None = None  # for images
     text: str | None = None  # for captions
     image_id: str | None = None
@@ -57,16 +64,22 @@ class Searcher:
 
     `mapper_id` picks an older mapper whose tagged vectors the tables still hold (default: the
     current one). Encoders load lazily: a text-only session never loads the image encoder.
+    `normalisation` scores cross-modal searches (text -> image, image -> text) against the mapper's
+    query bank: "inverted_softmax" (the default), "dynamic" or "none" (raw cosine). Tables built before
+    normalisers were stored, or by a mapper without a bank, search raw; `notice` then says so in one line.
+    Same-modality searches (image -> image, text -> text) are always raw cosine.
 
     Raises:
         WorkspaceError: no tables, or the mapper that built them is gone from the workspace.
         StoreMismatchError: the tables hold no vectors of `mapper_id`, or the two tables (or the
             mapper on disk) disagree about the mapper and encoders.
+        ValueError: an unknown normalisation.
     """
 
     def __init__(self, workspace: Workspace | Path | str, mapper_id: str | None = None, device: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", normalisation: str | None = None) -> None:
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
+        requested = check_method(normalisation or QueryBankConfig().method)
         db = connect(self.workspace)
         self._tables = {name: open_table(db, name, mapper_id) for name in (IMAGES_TABLE, CAPTIONS_TABLE)}
         self.metadata = table_metadata(self._tables[IMAGES_TABLE].schema)
@@ -90,8 +103,27 @@ class Searcher:
         self.metric = self.metadata.get("metric", "cosine")
         self._plans = {name: plan_index(table.count_rows(), self.metadata["dim"], self.metric)  # once, not per query
                        for name, table in self._tables.items()}
+        self.normalisation, self.notice = self._normalisation(requested, mapper_dir)
+        self._rankers = {}
+        if self.normalisation != "none":
+            bank = load_querybank(mapper_dir, self.mapper_config)
+            self._rankers = {name: NormalisedRanker(table, self.normalisation,
+                                                    bank.queries_for("image" if name == IMAGES_TABLE else "text")[0])
+                             for name, table in self._tables.items()}
         self._device, self._precision = device, precision
         self._encoders: dict[str, ImageEncoder | TextEncoder] = {}
+
+    def _normalisation(self, requested: str, mapper_dir: Path) -> tuple[str, str | None]:
+        """The normalisation searches use, and a one-line notice when it is not the one requested."""
+        if requested == "none":
+            return "none", None
+        if load_querybank(mapper_dir, self.mapper_config) is None:
+            return "none", (f"mapper {self.metadata['mapper_id']} has no query bank (trained before banks were "
+                            "saved): scores are raw cosine; train a new mapper to normalise them")
+        if not all(NORMALISER_COLUMN in table.schema.names for table in self._tables.values()):
+            return "none", (f"the tables have no {NORMALISER_COLUMN} column (built before normalisers were "
+                            "stored): scores are raw cosine; `crossalign embed` with a new mapper adds it")
+        return requested, None
 
     def _encoder(self, modality: str) -> ImageEncoder | TextEncoder:
         if modality not in self._encoders:
@@ -126,13 +158,13 @@ class Searcher:
 
     def text_to_image(self, text: str, limit: int = 5, split: str | None = None,
                       corpus: str | None = None) -> list[SearchHit]:
-        """The `limit` images nearest to a text query."""
-        return self.search_vector(IMAGES_TABLE, self.embed_text(text), limit, split, corpus)
+        """The `limit` images that best match a text query (normalised scores: see the class)."""
+        return self.search_vector(IMAGES_TABLE, self.embed_text(text), limit, split, corpus, normalise=True)
 
     def image_to_text(self, path: Path | str, limit: int = 5, split: str | None = None,
                       corpus: str | None = None) -> list[SearchHit]:
-        """The `limit` captions nearest to an image file."""
-        return self.search_vector(CAPTIONS_TABLE, self.embed_image(path), limit, split, corpus)
+        """The `limit` captions that best match an image file (normalised scores: see the class)."""
+        return self.search_vector(CAPTIONS_TABLE, self.embed_image(path), limit, split, corpus, normalise=True)
 
     def image_to_image(self, path: Path | str, limit: int = 5, split: str | None = None,
                        corpus: str | None = None) -> list[SearchHit]:
@@ -161,8 +193,11 @@ class Searcher:
                      lambda row: row.pop(score))
 
     def search_vector(self, table: str, vector: np.ndarray, limit: int = 5, split: str | None = None,
-                      corpus: str | None = None) -> list[SearchHit]:
+                      corpus: str | None = None, normalise: bool = False) -> list[SearchHit]:
         """The `limit` rows of `table` nearest to a joint vector, through the table's tuned ANN index.
+
+        `normalise=True` (for a query of the other modality) ranks by the query-bank normalised score
+        when the searcher normalises (`normalisation`), re-ranking ANN candidates (`NormalisedRanker`).
 
         Raises:
             StoreMismatchError: `vector` has another dimension than the table's vectors.
@@ -171,9 +206,18 @@ class Searcher:
         if vector.shape[0] != self.metadata["dim"]:
             raise StoreMismatchError(f"table {table} holds {self.metadata['dim']}-d vectors; "
                                      f"the query vector has {vector.shape[0]}")
-        query = apply_plan(_filtered(self._tables[table].search(vector), split, corpus), self._plans[table])
-        rows = query.select([*COLUMNS[table], "_distance"]).limit(limit).to_list()
-        return _hits(rows, lambda row: _similarity(row.pop("_distance"), self.metric))
+
+        def candidates(depth: int, extra: list[str]) -> list[dict[str, Any]]:
+            query = apply_plan(_filtered(self._tables[table].search(vector), split, corpus), self._plans[table])
+            rows = query.select([*COLUMNS[table], *extra, "_distance"]).limit(depth).to_list()
+            for row in rows:
+                row["cosine"] = _similarity(row.pop("_distance"), self.metric)
+            return rows
+
+        if normalise and table in self._rankers:
+            rows = self._rankers[table].rank(candidates, limit)
+            return _hits(rows, lambda row: row.pop("score"))
+        return _hits(candidates(limit, []), lambda row: row.pop("cosine"))
 
 
 def _filtered(query: Any, split: str | None, corpus: str | None) -> Any:

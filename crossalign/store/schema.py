@@ -11,6 +11,9 @@ IMAGES_TABLE = "images"
 CAPTIONS_TABLE = "captions"
 METADATA_KEY = b"crossalign"  # JSON: mapper_id, dim, metric, image_encoder, text_encoder
 DEFAULT_METRIC = "cosine"
+# Query-bank normaliser of each row (crossalign/align/querybank.py), in cosine units: search ranks a row by
+# `cosine(query, row) - qb_norm`. Null where the mapper has no query bank (saved before banks were).
+NORMALISER_COLUMN = "qb_norm"
 METRICS = ("cosine", "l2", "dot")
 
 
@@ -25,12 +28,17 @@ def _vector(dim: int) -> pa.Field:
     return pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)
 
 
+def _normaliser() -> pa.Field:
+    return pa.field(NORMALISER_COLUMN, pa.float32(), nullable=True)
+
+
 def images_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
     """The `images` table: one joint vector per image."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         _vector(dim),
         pa.field("mapper_id", pa.string(), nullable=False),
+        _normaliser(),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("corpus", pa.string(), nullable=False),
@@ -44,6 +52,7 @@ def captions_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Sche
         pa.field("id", pa.string(), nullable=False),
         _vector(dim),
         pa.field("mapper_id", pa.string(), nullable=False),
+        _normaliser(),
         pa.field("text", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),

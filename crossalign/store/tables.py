@@ -11,6 +11,7 @@ mapper last wrote is tagged with the mapper id, so older mappers' vectors stay r
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,7 +24,8 @@ import pyarrow as pa
 import torch
 from lancedb.index import FTS
 
-from crossalign.align.mapper import JointMapper, check_encoder, load_mapper
+from crossalign.align.mapper import JointMapper, check_encoder, load_mapper, load_querybank
+from crossalign.align.querybank import QueryBank
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract.features import FeatureSet
 from crossalign.extract.shards import vectors_to_arrow
@@ -33,6 +35,7 @@ from crossalign.store.schema import (
     CAPTIONS_TABLE,
     DEFAULT_METRIC,
     IMAGES_TABLE,
+    NORMALISER_COLUMN,
     captions_schema,
     check_metric,
     images_schema,
@@ -64,6 +67,8 @@ class EmbedSummary:
     lancedb_uri: str
     metric: str = DEFAULT_METRIC
     index: dict | None = None
+    normalised_rows: int = 0  # rows whose query-bank normaliser this embed computed (0: the mapper has no bank)
+    normaliser_seconds: float = 0.0  # time spent computing them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,9 +131,11 @@ def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metr
     if not (mapper_dir / "config.json").exists():
         raise WorkspaceError(f"no mapper {mapper_id} in {mapper_dir.parent}")
     model, config = load_mapper(mapper_dir)
+    mapper = _Mapper(model, load_querybank(mapper_dir, config))
     metadata = {
         "mapper_id": config["mapper_id"], "dim": config["dim"], "metric": metric,
         "image_encoder": config["image_encoder"], "text_encoder": config["text_encoder"],
+        "querybank": config.get("querybank"),
     }
     db = connect(workspace)
     current = {m.table: _current_metadata(db, m.table) for m in MODALITIES}
@@ -140,9 +147,9 @@ def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metr
     for spec in MODALITIES:
         schema = (images_schema if spec.modality == "image" else captions_schema)(config["dim"], metadata)
         if rebuild:
-            table, written[spec.table] = _rebuild(db, spec, schema, sources, model)
+            table, written[spec.table] = _rebuild(db, spec, schema, sources, mapper)
         else:
-            table, written[spec.table], gone = _update(db, spec, schema, sources[corpus], model)
+            table, written[spec.table], gone = _update(db, spec, schema, sources[corpus], mapper)
             removed += gone
         changed = rebuild or written[spec.table] or removed
         if changed:
@@ -158,7 +165,31 @@ def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metr
         mapper_id=config["mapper_id"], images=written[IMAGES_TABLE], captions=written[CAPTIONS_TABLE],
         removed=removed, rebuilt=rebuild, images_in_table=images.count_rows(), captions_in_table=captions.count_rows(),
         lancedb_uri=str(workspace.lancedb_uri), metric=metric, index=plans.get(IMAGES_TABLE),
+        normalised_rows=mapper.normalised_rows, normaliser_seconds=round(mapper.normaliser_seconds, 3),
     )
+
+
+class _Mapper:
+    """A mapper and its query bank, applied to feature chunks; counts the normalisers it computes."""
+
+    def __init__(self, model: JointMapper, bank: QueryBank | None) -> None:
+        self.model, self.bank = model, bank
+        self.normalised_rows, self.normaliser_seconds = 0, 0.0
+
+    @torch.no_grad()
+    def __call__(self, features: np.ndarray, modality: str, keys: list[str]) -> tuple[pa.Array, pa.Array]:
+        """Joint vectors of a chunk of `modality` features, and their normalisers (nulls without a bank);
+        `keys` are the rows' image ids (`QueryBank.normaliser`)."""
+        project = self.model.encode_image if modality == "image" else self.model.encode_text
+        joint = project(torch.from_numpy(features))
+        if self.bank is None:
+            normaliser = pa.nulls(len(joint), pa.float32())
+        else:
+            start = time.perf_counter()
+            normaliser = pa.array(self.bank.normaliser(joint, modality, keys).numpy(), pa.float32())
+            self.normaliser_seconds += time.perf_counter() - start
+            self.normalised_rows += len(joint)
+        return vectors_to_arrow(joint.numpy().astype(np.float32)), normaliser
 
 
 class _Sources:
@@ -178,7 +209,7 @@ class _Sources:
         failed = self.features[spec.modality].failed
         return [i for i in self.rows[spec.modality].column(spec.id_column).to_pylist() if i not in failed]
 
-    def batches(self, spec: _Modality, schema: pa.Schema, model: JointMapper, ids: list[str]) -> Iterator[pa.Table]:
+    def batches(self, spec: _Modality, schema: pa.Schema, mapper: _Mapper, ids: list[str]) -> Iterator[pa.Table]:
         """The joint rows of `ids`, `BATCH_ROWS` at a time, in the order their features are stored.
 
         Features are read chunk by chunk (`FeatureSet.chunks`): memory does not grow with the corpus.
@@ -187,15 +218,14 @@ class _Sources:
             return
         table = self.rows[spec.modality]
         position = {item: i for i, item in enumerate(table.column(spec.id_column).to_pylist())}
-        project = model.encode_image if spec.modality == "image" else model.encode_text
         mapper_id = table_metadata(schema)["mapper_id"]
         unit = spec.id_column.removesuffix("_id")
         progress = ProgressLog(logger, f"embed {self.corpus}", unit, len(ids), "mapped")  # for the run logs
         for chunk, features in self.features[spec.modality].chunks(ids, BATCH_ROWS):
-            with torch.no_grad():
-                joint = project(torch.from_numpy(features)).numpy().astype(np.float32)
             take = pa.array([position[item] for item in chunk])
-            arrays = {"id": pa.array(chunk, pa.string()), "vector": vectors_to_arrow(joint),
+            keys = chunk if spec.modality == "image" else table.column("image_id").take(take).to_pylist()
+            vectors, normaliser = mapper(features, spec.modality, keys)
+            arrays = {"id": pa.array(chunk, pa.string()), "vector": vectors, NORMALISER_COLUMN: normaliser,
                       "mapper_id": pa.array([mapper_id] * len(chunk), pa.string()),
                       "corpus": pa.array([self.corpus] * len(chunk), pa.string()),
                       **{out: table.column(column).take(take) for out, column in spec.columns.items()}}
@@ -204,14 +234,14 @@ class _Sources:
 
 
 def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sources: dict[str, _Sources],
-             model: JointMapper) -> tuple[Any, int]:
+             mapper: _Mapper) -> tuple[Any, int]:
     """A new version of the table holding every corpus of `sources`, mapped by `model` (one commit)."""
     written = 0
 
     def tables() -> Iterator[pa.Table]:
         nonlocal written
         for source in sources.values():
-            for batch in source.batches(spec, schema, model, source.ids(spec)):
+            for batch in source.batches(spec, schema, mapper, source.ids(spec)):
                 written += batch.num_rows
                 yield batch
 
@@ -221,7 +251,7 @@ def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sourc
 
 
 def _update(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, source: _Sources,
-            model: JointMapper) -> tuple[Any, int, int]:
+            mapper: _Mapper) -> tuple[Any, int, int]:
     """Insert the items of `source` the table lacks and delete those the corpus lost: (table, inserted, deleted)."""
     table = db.open_table(spec.table)
     stored = set(table.search().where(f"corpus = {quote(source.corpus)}").select(["id"]).limit(None)
@@ -230,7 +260,7 @@ def _update(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, source
     new = [item for item in ids if item not in stored]
     gone = sorted(stored - set(ids))
     if new:
-        upsert_rows(table, (b for t in source.batches(spec, schema, model, new) for b in t.to_batches()))
+        upsert_rows(table, (b for t in source.batches(spec, schema, mapper, new) for b in t.to_batches()))
     for start in range(0, len(gone), DELETE_CHUNK):
         listed = ", ".join(quote(item) for item in gone[start:start + DELETE_CHUNK])
         table.delete(f"corpus = {quote(source.corpus)} AND id IN ({listed})")
