@@ -40,7 +40,8 @@ EvalSplit = Annotated[str, typer.Option(help="Split to select the mapper on and 
 ImageEncoder_ = Annotated[str, typer.Option(
     help="efficientnet-lite0, efficientnet-lite2, torchvision:<model>\\[@weights]; +flip averages over the "
     "mirror image; a,b concatenates several")]
-TextEncoder_ = Annotated[str, typer.Option(help="minilm-l6, hf:<model id or dir>\\[#cls]")]
+TextEncoder_ = Annotated[str, typer.Option(help="minilm-l6, mpnet-base, hf:<model id or dir>\\[#cls]; a,b concatenates "
+                                               "several")]
 Device_ = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
 Precision_ = Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")]
 Compile_ = Annotated[str, typer.Option(
@@ -55,6 +56,9 @@ Steps_ = Annotated[int, typer.Option(help="Training steps (early stopping may en
 Loss_ = Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")]
 Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
 InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
+Dim_ = Annotated[int, typer.Option(help="Joint embedding dimension (split evenly between --heads).")]
+Heads_ = Annotated[int, typer.Option(help="An ensemble in one mapper: this many linear maps, trained one after "
+                                          "the other, their joint vectors concatenated.")]
 Normalise_ = Annotated[str, typer.Option(
     "--normalise", help="Scores of text -> image and image -> text: inverted_softmax (against the mapper's query "
     "bank, against hubs), dynamic (QB-Norm), or none (raw cosine).")]
@@ -62,6 +66,7 @@ DEFAULT_IMAGE_ENCODER = ExtractConfig.model_fields["image_encoder"].default  # o
 DEFAULT_TEXT_ENCODER = ExtractConfig.model_fields["text_encoder"].default
 DEFAULT_DECODE = ExtractConfig.model_fields["decode"].default
 DEFAULT_NORMALISE = QueryBankConfig.model_fields["method"].default
+TRAIN = TrainConfig()  # the training defaults, read from the config (never repeated here)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -116,8 +121,9 @@ def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, fm
 @_friendly
 def run(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-    eval_split: EvalSplit = "dev", fmt: Format = "auto", steps: Steps_ = 1500, loss: Loss_ = "infonce",
-    lr: Lr_ = 1e-3, input_dropout: InputDropout_ = 0.5,
+    eval_split: EvalSplit = "dev", fmt: Format = "auto", steps: Steps_ = TRAIN.steps, loss: Loss_ = TRAIN.loss,
+    lr: Lr_ = TRAIN.lr, input_dropout: InputDropout_ = TRAIN.input_dropout, dim: Dim_ = TRAIN.dim,
+    heads: Heads_ = TRAIN.heads,
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
     image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
@@ -129,7 +135,8 @@ def run(
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
                "compile": compile, "decode": decode}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
-                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
+                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
+                            "heads": heads},
                      retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
     _check_encoders(config)
@@ -165,8 +172,10 @@ def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
         typer.echo(f"  {sample['query']!r}")
         for hit in sample["hits"]:
             typer.echo(f"    {hit['rank']}. {hit['score']:.3f}  {hit['uri']}")
-    typer.echo(f"\ntables: {result['embed']['lancedb_uri']} (images: {result['embed']['images_in_table']} rows, "
-               f"captions: {result['embed']['captions_in_table']} rows)")
+    embedded = result["embed"]
+    typer.echo(f"\ntables: {embedded['lancedb_uri']} (images: {embedded['images_in_table']} rows, "
+               f"captions: {embedded['captions_in_table']} rows; query-bank normalisers computed for "
+               f"{embedded['normalised_rows']} rows in {embedded['normaliser_seconds']:.1f} s)")
 
 
 @app.command()
@@ -336,7 +345,8 @@ def train(
         DEFAULT_IMAGE_ENCODER),
     text_encoder: Annotated[str, typer.Option(help="Whose cached caption features to train on.")] = (
         DEFAULT_TEXT_ENCODER),
-    steps: Steps_ = 1500, loss: Loss_ = "infonce", lr: Lr_ = 1e-3, input_dropout: InputDropout_ = 0.5,
+    steps: Steps_ = TRAIN.steps, loss: Loss_ = TRAIN.loss, lr: Lr_ = TRAIN.lr,
+    input_dropout: InputDropout_ = TRAIN.input_dropout, dim: Dim_ = TRAIN.dim, heads: Heads_ = TRAIN.heads,
     normalise: Normalise_ = DEFAULT_NORMALISE,
 ) -> None:
     """Train a new mapper on cached features and make it current (the `train` flow)."""
@@ -344,7 +354,8 @@ def train(
 
     config = _config(corpus, workspace, train_split, eval_split, fmt,
                      extract={"image_encoder": image_encoder, "text_encoder": text_encoder},
-                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout},
+                     train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
+                            "heads": heads},
                      querybank=QueryBankConfig(method=normalise))
     typer.echo(json.dumps(train_flow(config), indent=2, default=str))
 

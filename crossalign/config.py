@@ -53,10 +53,15 @@ class ExtractConfig(_Section):
     """Frozen encoders and how to run them."""
 
     image_encoder: str = Field(
-        default="efficientnet-lite2+flip",
-        description="Image encoder registry name; efficientnet-lite0 is about 5x faster to extract, at lower quality.",
+        default="efficientnet-lite0,efficientnet-lite2+flip",
+        description="Image encoder registry name (a,b: side by side); efficientnet-lite0 alone is about 5x faster "
+        "to extract, at lower quality.",
     )
-    text_encoder: str = Field(default="minilm-l6", description="Text encoder registry name.")
+    text_encoder: str = Field(
+        default="minilm-l6,mpnet-base",
+        description="Text encoder registry name (a,b: side by side); minilm-l6 alone is about 6x faster to extract, "
+        "at lower quality.",
+    )
     device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1' ...")
     precision: Precision = Field(
         default="auto",
@@ -91,13 +96,15 @@ class TrainConfig(_Section):
 
     train_split: str = "train"
     eval_split: str = Field(default="dev", description="Split used for model selection and the reported metrics.")
-    dim: int = Field(default=1024, gt=0, description="Joint embedding dimension.")
-    steps: int = Field(default=1500, gt=0)
+    dim: int = Field(default=512, gt=0, description="Joint embedding dimension.")
+    steps: int = Field(default=1200, gt=0, description="Training steps (the schedule warms up, then decays to 0 at the "
+                       "last step; early stopping may end sooner).")
     batch_size: int = Field(default=512, gt=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
-    input_dropout: float = Field(default=0.5, ge=0, lt=1)
+    input_dropout: float = Field(default=0.6, ge=0, lt=1, description="Dropout on the standardised input features "
+                                 "(rounded to a multiple of 1/256).")
     method: Literal["train", "cca"] = Field(
         default="train", description="Train the linear maps, or fit them in closed form with regularised CCA."
     )
@@ -107,6 +114,9 @@ class TrainConfig(_Section):
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout between the MLP's layers.")
     blocks: int = Field(default=0, ge=0, description="Residual adapter blocks (FuseMix) before the linear map, "
                         "hidden wide; 0 is the plain linear map.")
+    heads: int = Field(default=1, ge=1, description="An ensemble in one mapper: this many linear mappers, each "
+                       "dim/heads wide, trained one after the other with seeds seed, seed+1, ...; the joint vector "
+                       "concatenates theirs. dim must split evenly.")
     mixup_alpha: float = Field(default=0.0, ge=0, description="Latent mixup (FuseMix): one λ ~ Beta(α, α) per "
                                "step mixes pairs within the batch; 0 is off.")
     loss: Literal["infonce", "vsepp", "margin"] = Field(
@@ -118,6 +128,13 @@ class TrainConfig(_Section):
     init_temperature: float = Field(default=0.07, gt=0)
     eval_every: int = Field(default=100, gt=0)
     seed: int = 0
+
+
+    @model_validator(mode="after")
+    def _heads_split_dim(self) -> TrainConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} does not split into {self.heads} equal heads")
+        return self
 
 
 class QueryBankConfig(_Section):

@@ -62,10 +62,12 @@ def _recall_plot_markdown(report: SavedReport) -> str:
 def _training_curve_markdown(report: SavedReport) -> str:
     if not report.history:
         return f"Mapper `{report.mapper_id}` was fitted in closed form: no training curve."
-    rows = "".join(f"| {r['step']:g} | {r['loss']:.4f} | {r['dev_rsum']:.1f} |\n" for r in report.history)
+    rows = "".join(f"| {r.get('head', 0)} | {r['step']:g} | {r['loss']:.4f} | {r['dev_rsum']:.1f} |\n"
+                   for r in report.history)
     return (f"### Training curve of `{report.title}`\n\n"
             f"![training curve]({png_data_url(plot_training_curve(report.history, report.title))})\n\n"
-            f"| step | loss | dev rsum |\n|---:|---:|---:|\n{rows}")
+            f"Dev rsum by raw cosine (model selection); the metrics artifact has the normalised ones.\n\n"
+            f"| head | step | loss | dev rsum |\n|---:|---:|---:|---:|\n{rows}")
 
 
 @task(name="ingest")

@@ -549,3 +549,59 @@ def test_mapper_report_has_the_metrics_table_and_a_recall_plot(features_copy: tu
     assert round(text_to_image[0], 2) == summary.metrics["t2i_r1"]  # the metrics round to 2 decimals
     assert round(text_to_image[4], 2) == summary.metrics["t2i_r5"]
     assert text_to_image[-1] == 100.0  # 4 dev images: every caption's image is within the first 50
+
+
+def test_stacked_heads_score_the_mean_of_their_cosines() -> None:
+    from crossalign.align.train import stack_heads
+
+    torch.manual_seed(0)
+    members = [JointMapper(12, 8, 6) for _ in range(3)]
+    images, texts = torch.randn(5, 12), torch.randn(7, 8)
+    for member in members:
+        member.fit_standardisation(images, texts)
+    stacked = stack_heads(members)
+
+    assert stacked.dim == 18 and stacked.heads == 3 and stacked.scale().shape == (3,)
+    with torch.no_grad():
+        joint = stacked.encode_image(images) @ stacked.encode_text(texts).T
+        mean = torch.stack([m.encode_image(images) @ m.encode_text(texts).T for m in members]).mean(0)
+        torch.testing.assert_close(joint, mean)
+        torch.testing.assert_close(stacked.encode_image(images).norm(dim=1), torch.ones(5))
+
+
+def test_a_mapper_of_several_heads_trains_saves_and_loads(features_copy: tuple[Workspace, str]) -> None:
+    workspace, corpus = features_copy
+    options = {**TRAIN_OPTIONS, "heads": 2}
+
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **options)
+
+    model, config = load_mapper(workspace.require_current_mapper())
+    assert (config["heads"], config["dim"], model.heads) == (2, TRAIN_OPTIONS["dim"], 2)
+    assert len(config["temperature"]) == 2
+    assert {row["head"] for row in summary.history} == {0, 1}
+    # the heads are the mappers trained alone with seeds seed and seed + 1, at half the width
+    single = train_mapper(_paired_ws(workspace, corpus, "train"), _paired_ws(workspace, corpus, "dev"),
+                          **{**TRAIN_OPTIONS, "dim": TRAIN_OPTIONS["dim"] // 2, "seed": TRAIN_OPTIONS["seed"] + 1})
+    torch.testing.assert_close(model.text_proj.weight[TRAIN_OPTIONS["dim"] // 2:], single.model.text_proj.weight)
+    evaluated = evaluate_current_mapper(workspace, corpus, "dev")
+    assert {key: evaluated[key] for key in summary.metrics} == pytest.approx(summary.metrics)
+    with pytest.raises(ValueError, match="equal heads"):
+        fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "heads": 5})
+
+
+def _paired_ws(workspace: Workspace, corpus: str, split: str) -> PairedFeatures:
+    return load_paired_features(workspace, corpus, split, IMAGE_ENCODER, TEXT_ENCODER)
+
+
+def test_input_dropout_drops_the_rounded_share_and_keeps_the_mean() -> None:
+    from crossalign.align.mapper import InputDropout
+
+    torch.manual_seed(0)
+    dropout = InputDropout(0.6)  # rounded to 154 / 256
+    x = torch.ones(1000, 333)  # an element count that is not a multiple of 8
+    out = dropout.train()(x)
+    assert out.shape == x.shape
+    assert (out == 0).float().mean().item() == pytest.approx(154 / 256, abs=0.005)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert out.unique().tolist() == [0.0, pytest.approx(256 / 102)]
+    assert torch.equal(dropout.eval()(x), x)

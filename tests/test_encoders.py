@@ -359,3 +359,18 @@ def test_flip_averaging_is_the_mean_of_the_image_and_its_mirror(image_encoder: I
     assert flipped.describe() != image_encoder.describe()  # its features never mix with the plain ones
     with pytest.raises(ValueError, match="image encoders only"):
         load_encoder(f"{TEXT_ENCODER}+flip", "cpu", "fp32")
+
+
+def test_text_encoders_side_by_side_concatenate_their_features(text_encoder: TextEncoder) -> None:
+    from crossalign.encoders.composite import CompositeTextEncoder
+
+    both = load_encoder(f"{TEXT_ENCODER},mpnet-base", "cpu", "fp32")
+    assert isinstance(both, CompositeTextEncoder) and both.dim == 384 + 768
+    features = both.encode(SENTENCES)
+    mpnet_features = load_encoder("mpnet-base", "cpu", "fp32").encode(SENTENCES)
+    torch.testing.assert_close(features, torch.cat([text_encoder.encode(SENTENCES), mpnet_features], dim=1))
+    described = both.describe()
+    assert described["modality"] == "text" and [p["encoder"] for p in described["parts"]] == [TEXT_ENCODER,
+                                                                                              "mpnet-base"]
+    with pytest.raises(ValueError, match="one modality"):
+        load_encoder(f"{IMAGE_ENCODER},{TEXT_ENCODER}", "cpu", "fp32")

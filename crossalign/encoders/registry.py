@@ -3,8 +3,8 @@
 Names: the bundled `efficientnet-lite0`, `efficientnet-lite2`, `minilm-l6` and `mpnet-base`;
 `torchvision:<model>[@weights|@random]` for any torchvision classifier; `hf:<model id or
 directory>[#mean|#cls]` for any Hugging Face encoder; `<image encoder>+flip` averages an image
-encoder's features over the image and its mirror image; `<image encoder>,<image encoder>,...`
-concatenates the features of several.
+encoder's features over the image and its mirror image; `<encoder>,<encoder>,...` concatenates the
+features of several encoders of one modality.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from crossalign.encoders.base import Encoder, ImageEncoder, Runtime, resolve_runtime
-from crossalign.encoders.composite import SEPARATOR, CompositeImageEncoder, composite_parts
+from crossalign.encoders.base import Encoder, ImageEncoder, Runtime, TextEncoder, resolve_runtime
+from crossalign.encoders.composite import SEPARATOR, CompositeImageEncoder, CompositeTextEncoder, composite_parts
 from crossalign.encoders.efficientnet import FlipAveraged, load_efficientnet_lite0, load_efficientnet_lite2
 from crossalign.encoders.hf_text import load_hf, load_minilm_l6
 from crossalign.encoders.mpnet import load_mpnet_base
@@ -52,7 +52,7 @@ def register_encoder(name: str, factory: EncoderFactory, cpu_precisions: tuple[s
 
 def encoder_names() -> list[str]:
     """Names `load_encoder` accepts (families take a model after the colon)."""
-    combined = ["<image encoder>+flip", "<image encoder>,<image encoder>"]
+    combined = ["<image encoder>+flip", "<encoder>,<encoder> (one modality)"]
     return sorted(_ENTRIES) + [f"{family}:<model>" for family in sorted(_FAMILIES)] + combined
 
 
@@ -64,11 +64,13 @@ def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> En
         ValueError: `name` is not registered and names no known family (the message lists what is).
         WeightsUnavailableError: the weights are not on this machine (nothing is downloaded).
     """
-    if SEPARATOR in name:  # several image encoders side by side
+    if SEPARATOR in name:  # several encoders of one modality side by side
         parts = [load_encoder(part, device, precision) for part in composite_parts(name)]
-        if not all(isinstance(part, ImageEncoder) for part in parts):
-            raise ValueError(f"{name}: only image encoders can be combined")
-        return CompositeImageEncoder(parts)
+        if all(isinstance(part, ImageEncoder) for part in parts):
+            return CompositeImageEncoder(parts)
+        if all(isinstance(part, TextEncoder) for part in parts):
+            return CompositeTextEncoder(parts)
+        raise ValueError(f"{name}: only encoders of one modality can be combined (all image or all text)")
     if name.endswith("+flip"):  # any image encoder, averaged over the image and its mirror image
         inner = load_encoder(name.removesuffix("+flip"), device, precision)
         if not isinstance(inner, ImageEncoder):

@@ -230,11 +230,12 @@ def extract_image_features(
 
 
 def combine_summaries(name: str, parts: list[ExtractSummary]) -> ExtractSummary:
-    """One summary for the parts of a composite encoder (images counted once; time summed)."""
+    """One summary for the parts of a composite encoder (items counted once; time summed)."""
     seconds = sum(part.seconds for part in parts)
     encoded = max(part.encoded for part in parts)
     return ExtractSummary(
-        encoder=name, modality="image", encoded=encoded, already_done=min(part.already_done for part in parts),
+        encoder=name, modality=parts[0].modality, encoded=encoded,
+        already_done=min(part.already_done for part in parts),
         failed=max(part.failed for part in parts), seconds=round(seconds, 3),
         items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
         features_dir=",".join(part.features_dir for part in parts), precision=parts[0].precision,
@@ -279,6 +280,11 @@ def extract_text_features(
     only_ids: list[str] | None = None,
 ) -> ExtractSummary:
     """Encode the corpus captions that have no features yet for `encoder_name` (see `extract_image_features`)."""
+    if SEPARATOR in encoder_name:  # several text encoders: each part into its own features directory
+        options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
+                   "split": split, "only_ids": only_ids}
+        parts = [extract_text_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
+        return combine_summaries(encoder_name, parts)
     encoder = load_encoder_once(encoder_name, device, precision)
     assert isinstance(encoder, TextEncoder), f"{encoder_name} is not a text encoder"
     captions = _only(read_captions(workspace, corpus, split), "caption_id", only_ids)
