@@ -80,8 +80,9 @@ CONFIGS = (
            options={"blocks": 1, "hidden": 1024}),
     Config("default, batch 1,024, 1,500 steps", image_encoder=BOTH, text_encoder=BOTH_TEXT,
            options={"batch_size": 1024, "steps": 1500}),
-    Config("3 heads x 1,024-d, batch 1,024, 1,500 steps (best)", image_encoder=BOTH, text_encoder=BOTH_TEXT,
-           options={"heads": 3, "dim": 3072, "batch_size": 1024, "steps": 1500}),
+    Config("3 heads x 1,024-d, batch 1,024, 1,500 steps, input dropout 0.7 (best)", image_encoder=BOTH,
+           text_encoder=BOTH_TEXT, options={"heads": 3, "dim": 3072, "batch_size": 1024, "steps": 1500,
+                                            "input_dropout": 0.7}),
 )
 
 

@@ -57,6 +57,7 @@ Loss_ = Annotated[str, typer.Option(help="infonce, vsepp or margin (the referenc
 Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
 InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
 Dim_ = Annotated[int, typer.Option(help="Joint embedding dimension (split evenly between --heads).")]
+BatchSize_ = Annotated[int, typer.Option(help="Training batch (pairs per step).")]
 Heads_ = Annotated[int, typer.Option(help="An ensemble in one mapper: this many linear maps, trained one after "
                                           "the other, their joint vectors concatenated.")]
 Normalise_ = Annotated[str, typer.Option(
@@ -123,7 +124,7 @@ def run(
     corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
     eval_split: EvalSplit = "dev", fmt: Format = "auto", steps: Steps_ = TRAIN.steps, loss: Loss_ = TRAIN.loss,
     lr: Lr_ = TRAIN.lr, input_dropout: InputDropout_ = TRAIN.input_dropout, dim: Dim_ = TRAIN.dim,
-    heads: Heads_ = TRAIN.heads,
+    heads: Heads_ = TRAIN.heads, batch_size: BatchSize_ = TRAIN.batch_size,
     retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
     image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
@@ -136,7 +137,7 @@ def run(
                "compile": compile, "decode": decode}
     config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
-                            "heads": heads},
+                            "heads": heads, "batch_size": batch_size},
                      retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
     _check_encoders(config)
@@ -347,7 +348,7 @@ def train(
         DEFAULT_TEXT_ENCODER),
     steps: Steps_ = TRAIN.steps, loss: Loss_ = TRAIN.loss, lr: Lr_ = TRAIN.lr,
     input_dropout: InputDropout_ = TRAIN.input_dropout, dim: Dim_ = TRAIN.dim, heads: Heads_ = TRAIN.heads,
-    normalise: Normalise_ = DEFAULT_NORMALISE,
+    batch_size: BatchSize_ = TRAIN.batch_size, normalise: Normalise_ = DEFAULT_NORMALISE,
 ) -> None:
     """Train a new mapper on cached features and make it current (the `train` flow)."""
     from flows.train import train_flow
@@ -355,7 +356,7 @@ def train(
     config = _config(corpus, workspace, train_split, eval_split, fmt,
                      extract={"image_encoder": image_encoder, "text_encoder": text_encoder},
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
-                            "heads": heads},
+                            "heads": heads, "batch_size": batch_size},
                      querybank=QueryBankConfig(method=normalise))
     typer.echo(json.dumps(train_flow(config), indent=2, default=str))
 
