@@ -159,10 +159,12 @@ def _check_encoders(config: PipelineConfig) -> None:
 
 def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
     from crossalign.align import metrics_table
+    from crossalign.corpus.accounting import accounting_line
 
     ingest = result["ingest"]
     typer.echo(f"\ningested {ingest['images']} images ({ingest['added']} new, {ingest['removed']} gone since the last "
                f"run), {ingest['captions']} captions, {ingest['normalised']} normalised, {ingest['rejected']} rejected")
+    typer.echo(f"splits {ingest['splits']}; records: {accounting_line(ingest['accounting'])}")
     for s in result["extract"]:
         typer.echo(f"extracted {s['encoder']}: {s['encoded']} new ({s['items_per_s']}/s, {s['precision']}), "
                    f"{s['already_done']} already done, {s['failed']} failed")

@@ -36,8 +36,13 @@ class CorpusConfig(_Section):
     caption_column: str = Field(default="caption", description="Table formats: the caption column (or its plural).")
     split_column: str = Field(default="split", description="Table formats: the split column, if any.")
     default_split: str = Field(default="train", description="Split for records that name none.")
+    unlisted_split: str = Field(
+        default="unlisted", min_length=1,
+        description="flickr: split of the images that none of the split lists names (never silently train).",
+    )
     max_pixels: int = Field(
-        default=40_000_000, gt=0, description="Images with more pixels are rejected (decompression bombs)."
+        default=40_000_000, gt=0,
+        description="Images with more pixels are rejected as too_many_pixels (decompression bombs).",
     )
     max_caption_chars: int = Field(
         default=1000, gt=0, description="Longer captions are truncated, and the truncation recorded."

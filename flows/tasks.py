@@ -16,6 +16,7 @@ from crossalign.align import evaluate_current_mapper, fit_mapper, metrics_table,
 from crossalign.align.report import SavedReport, plot_training_curve, png_data_url, read_report
 from crossalign.config import PipelineConfig
 from crossalign.corpus import first_captions, ingest_corpus
+from crossalign.corpus.accounting import accounting_line
 from crossalign.extract import (
     ExtractSummary,
     FeatureMismatchError,
@@ -75,13 +76,16 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     c = config.corpus
     summary = ingest_corpus(c.root, _workspace(config), c.corpus_name, c.captions_file, c.default_split,
                             c.max_pixels, c.max_caption_chars, fmt=c.format, image_column=c.image_column,
-                            caption_column=c.caption_column, split_column=c.split_column).to_dict()
+                            caption_column=c.caption_column, split_column=c.split_column,
+                            unlisted_split=c.unlisted_split).to_dict()
     reasons = "".join(f"| {reason} | {n} |\n" for reason, n in sorted(summary["rejects_by_reason"].items()))
     create_markdown_artifact(
         key="ingest-summary", description="Ingest: accepted, normalised and rejected items",
         markdown=(f"### Ingest of `{summary['corpus']}`\n\n{summary['images']} images, {summary['captions']} "
                   f"captions accepted; {summary['normalised']} normalised; {summary['rejected']} rejected; "
-                  f"{summary['added']} images new since the last ingest, {summary['removed']} gone.\n\n"
+                  f"{summary['added']} images new since the last ingest, {summary['removed']} gone; "
+                  f"splits {summary['splits']}.\n\nEvery input record accounted for: "
+                  f"{accounting_line(summary['accounting'])}.\n\n"
                   + (f"| reason | count |\n|---|---:|\n{reasons}" if reasons else "")
                   + (_first_rejects_markdown(summary["rejects_table"], summary["rejected"])
                      if summary["rejected"] else "")),

@@ -14,6 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+UTF8_BOM = b"\xef\xbb\xbf"
+# Text inputs are UTF-8 with an optional byte-order mark; undecodable bytes survive as surrogates, so
+# the item holding them is rejected (caption_not_utf8, path_not_utf8) rather than silently altered.
+TEXT_ENCODING = {"encoding": "utf-8-sig", "errors": "surrogateescape"}
+
 
 class CorpusConfigError(ValueError):
     """The corpus cannot be read at all (missing root or captions file): raised before any work."""
@@ -57,6 +62,8 @@ def read_jsonl_records(root: Path, captions_file: str, default_split: str) -> It
         )
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
+            if number == 1:
+                raw = raw.removeprefix(UTF8_BOM)  # files saved by common Windows tools start with one
             if not raw.strip():
                 continue
             yield _parse_line(number, raw, default_split)
@@ -68,6 +75,8 @@ def _parse_line(number: int, raw: bytes, default_split: str) -> CorpusRecord | B
         obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))
     except json.JSONDecodeError as err:
         return BadRecord(number, f"line is not valid JSON: {err.msg}")
+    except RecursionError:
+        return BadRecord(number, "line is JSON nested too deeply to read")
     if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
         return BadRecord(number, 'line needs an "image" string')
     if has_invalid_utf8(obj["image"]):
@@ -82,5 +91,6 @@ def _parse_line(number: int, raw: bytes, default_split: str) -> CorpusRecord | B
 
 
 def has_invalid_utf8(text: str) -> bool:
-    """True when `text` was decoded with errors="surrogateescape" from bytes that were not UTF-8."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    """True when `text` holds surrogates: decoded with errors="surrogateescape" from bytes that were not
+    UTF-8, or a lone surrogate escape from JSON; neither can be stored as UTF-8."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)

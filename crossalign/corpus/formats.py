@@ -14,12 +14,15 @@ Formats:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossalign.corpus.folder import BadRecord, CorpusConfigError, CorpusRecord, read_jsonl_records
+from crossalign.corpus.folder import TEXT_ENCODING, BadRecord, CorpusConfigError, CorpusRecord, read_jsonl_records
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -35,6 +38,7 @@ class ReaderOptions:
     image_column: str = "image"
     caption_column: str = "caption"
     split_column: str = "split"
+    unlisted_split: str = "unlisted"  # flickr: images that no split list names (when split lists exist)
 
 
 def detect_format(root: Path, options: ReaderOptions) -> str:
@@ -52,6 +56,8 @@ def detect_format(root: Path, options: ReaderOptions) -> str:
         suffix = captions.suffix.lower().lstrip(".")
         found.append({"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "tsv": "tsv", "parquet": "parquet"}.get(
             suffix, "jsonl"))
+    else:  # the captions file under the same name as a table (captions.csv, captions.tsv)
+        found += [fmt for fmt in ("csv", "tsv") if (root / f"{captions.stem}.{fmt}").is_file()]
     if list(root.glob("*.token.txt")) or (root / "results.csv").is_file():
         found.append("flickr")
     if list(root.glob("captions_*.json")) or list(root.glob("annotations/captions_*.json")):
@@ -86,6 +92,8 @@ def _read_jsonl(root: Path, options: ReaderOptions) -> Iterator[Record]:
 
 def _table_file(root: Path, options: ReaderOptions, suffix: str) -> Path:
     path = root / options.captions_file
+    if path.suffix.lower() != f".{suffix}" and (root / f"{path.stem}.{suffix}").is_file():
+        path = root / f"{path.stem}.{suffix}"
     if path.suffix.lower() != f".{suffix}":
         candidates = sorted(root.glob(f"*.{suffix}"))
         if len(candidates) != 1:
@@ -98,36 +106,56 @@ def _table_file(root: Path, options: ReaderOptions, suffix: str) -> Path:
 
 
 def _read_table(root: Path, options: ReaderOptions, fmt: str) -> Iterator[Record]:
-    import pandas as pd
     import pyarrow.parquet as pq
 
+    from crossalign.corpus.delimited import read_delimited
+
     path = _table_file(root, options, fmt)
-    if fmt == "parquet":
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        embedded = _embedded_column(parquet.schema_arrow)
-        caption_column = _caption_column(names, options)
-        if embedded is not None:  # image bytes inside: streamed in small batches, never loaded whole
-            yield from _embedded_rows(parquet, embedded, path, caption_column, options)
-            return
-        _check_columns(path, names, [options.image_column, caption_column])
-        wanted = [c for c in (options.image_column, caption_column, options.split_column) if c in names]
-        frame = parquet.read(columns=wanted).to_pandas()
-    else:
-        frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                            encoding_errors="surrogateescape")
-        caption_column = _caption_column(list(frame.columns), options)
-        _check_columns(path, list(frame.columns), [options.image_column, caption_column])
-    grouped: dict[str, CorpusRecord] = {}
-    for line, row in enumerate(frame.to_dict("records"), start=2):
-        image, caption = row[options.image_column], row[caption_column]
+    if fmt != "parquet":
+        yield from _group_rows(read_delimited(path, "\t" if fmt == "tsv" else ","), options, path)
+        return
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    embedded = _embedded_column(parquet.schema_arrow)
+    caption_column = _caption_column(names, options)
+    if embedded is not None:  # image bytes inside: streamed in small batches, never loaded whole
+        yield from _embedded_rows(parquet, embedded, path, caption_column, options)
+        return
+    _check_columns(path, names, [options.image_column, caption_column])
+    wanted = [c for c in (options.image_column, caption_column, options.split_column) if c in names]
+    rows = (row for batch in parquet.iter_batches(batch_size=4096, columns=wanted) for row in batch.to_pylist())
+    yield from _group_rows(enumerate(rows, start=2), options, path)
+
+
+def _group_rows(rows: Iterator[tuple[int, dict] | BadRecord], options: ReaderOptions, path: Path) -> Iterator[Record]:
+    """One record per run of consecutive rows naming the same image (streamed: a row naming it again later
+    is another entry of that image, which ingest merges with a reason).
+
+    Raises:
+        CorpusConfigError: the rows lack the image or caption column.
+    """
+    current: CorpusRecord | None = None
+    caption_column = None
+    for item in rows:
+        if isinstance(item, BadRecord):
+            yield item
+            continue
+        line, row = item
+        if caption_column is None:  # the first row shows the columns
+            caption_column = _caption_column(list(row), options)
+            _check_columns(path, list(row), [options.image_column, caption_column])
+        image, caption = row.get(options.image_column), row.get(caption_column)
         if not isinstance(image, str) or not image:
-            yield BadRecord(line, f"row has no {options.image_column!r} path")
+            yield BadRecord(line, f"row has no {options.image_column!r} path", source=f"{path.name}:{line}")
             continue
         split = str(row.get(options.split_column) or options.default_split)
-        record = grouped.setdefault(image, CorpusRecord(line=line, image=image, captions=[], split=split))
-        record.captions.extend(_texts(caption))
-    yield from grouped.values()
+        if current is None or current.image != image or current.split != split:
+            if current is not None:
+                yield current
+            current = CorpusRecord(line=line, image=image, captions=[], split=split)
+        current.captions.extend(_texts(caption))
+    if current is not None:
+        yield current
 
 
 def _caption_column(names: list[str], options: ReaderOptions) -> str:
@@ -186,38 +214,78 @@ def _embedded_rows(parquet, column: str, path: Path, caption_column: str, option
 
 
 def _read_flickr(root: Path, options: ReaderOptions) -> Iterator[Record]:
-    captions: dict[str, list[str]] = {}
     token_files = sorted(root.glob("*.token.txt"))
     if token_files:
-        caption_ids: set[str] = set()
-        lines = token_files[0].read_text(encoding="utf-8", errors="replace").splitlines()
-        for number, line in enumerate(lines, start=1):
-            caption_id, _, text = line.partition("\t")
-            if not text:
-                continue
-            caption_id = caption_id.strip()
-            if caption_id in caption_ids:  # `name.jpg#N` names one caption: the first one is kept
-                yield BadRecord(number, f"caption id {caption_id} appears again; the first is kept: {text!r}"[:300],
-                                reason="duplicate_caption_id", source=f"{token_files[0].name}:{number}")
-                continue
-            caption_ids.add(caption_id)
-            captions.setdefault(caption_id.split("#")[0], []).append(text)
+        path, lines = token_files[0], _flickr_token_lines
     elif (root / "results.csv").is_file():
-        for line in (root / "results.csv").read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
-            parts = [p.strip() for p in line.split("|", 2)]  # the caption itself may hold a "|"
-            if len(parts) == 3:
-                captions.setdefault(parts[0], []).append(parts[2])
+        path, lines = root / "results.csv", _flickr30k_result_lines
     else:
         raise CorpusConfigError(f"{root}: no *.token.txt or results.csv for the flickr format")
-    splits = {}
+    captions: dict[str, list[str]] = {}
+    for item in lines(path):
+        if isinstance(item, BadRecord):
+            yield item
+        else:
+            captions.setdefault(item[0], []).append(item[1])
+    splits = _flickr_split_lists(root)
+    if splits:  # the images no list names are kept apart, never silently added to a split
+        unlisted = sum(name not in splits for name in captions)
+        if unlisted:
+            logger.warning("%d images of %s are in no split list: split %r", unlisted, path.name,
+                           options.unlisted_split)
+    folder = _flickr_image_folder(root, next(iter(captions), ""))
+    for line, (name, texts) in enumerate(captions.items(), start=1):
+        split = splits.get(name, options.unlisted_split) if splits else options.default_split
+        yield CorpusRecord(line=line, image=str(folder / name), captions=texts, split=split)
+
+
+def _flickr_token_lines(path: Path) -> Iterator[tuple[str, str] | BadRecord]:
+    """(image name, caption) per line of a Flickr8k/30k token file (`name.jpg#N<TAB>caption`)."""
+    caption_ids: set[str] = set()
+    with path.open(**TEXT_ENCODING) as lines:
+        for number, line in enumerate(lines, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            caption_id, tab, text = line.partition("\t")
+            caption_id = caption_id.strip()
+            if not tab or not caption_id:
+                yield BadRecord(number, f"{path.name}:{number}: not `name.jpg#N<TAB>caption`: {line!r}"[:300],
+                                source=f"{path.name}:{number}")
+                continue
+            if caption_id in caption_ids:  # `name.jpg#N` names one caption: the first one is kept
+                yield BadRecord(number, f"caption id {caption_id} appears again; the first is kept: {text!r}"[:300],
+                                reason="duplicate_caption_id", source=f"{path.name}:{number}")
+                continue
+            caption_ids.add(caption_id)
+            yield caption_id.split("#")[0], text
+
+
+def _flickr30k_result_lines(path: Path) -> Iterator[tuple[str, str] | BadRecord]:
+    """(image name, caption) per line of Flickr30k's `results.csv` (`name| number| caption`)."""
+    with path.open(**TEXT_ENCODING) as lines:
+        next(lines, None)  # the header
+        for number, line in enumerate(lines, start=2):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = [p.strip() for p in line.split("|", 2)]  # the caption itself may hold a "|"
+            if len(parts) != 3 or not parts[0]:
+                yield BadRecord(number, f"{path.name}:{number}: not `name| number| caption`: {line!r}"[:300],
+                                source=f"{path.name}:{number}")
+                continue
+            yield parts[0], parts[2]
+
+
+def _flickr_split_lists(root: Path) -> dict[str, str]:
+    """{image name: split} from the split lists (`Flickr_8k.trainImages.txt` ...); {} when there are none."""
+    splits: dict[str, str] = {}
     for split_file in sorted(root.glob("*Images.txt")):
         match = re.search(r"\.?(train|dev|val|test)Images\.txt$", split_file.name)
         if match:
-            splits.update({name.strip(): match.group(1) for name in split_file.read_text().split()})
-    folder = _flickr_image_folder(root, next(iter(captions), ""))
-    for line, (name, texts) in enumerate(captions.items(), start=1):
-        image = str(folder / name)
-        yield CorpusRecord(line=line, image=image, captions=texts, split=splits.get(name, options.default_split))
+            names = split_file.read_text(**TEXT_ENCODING).split()
+            splits.update({name.strip(): match.group(1) for name in names})
+    return splits
 
 
 def _flickr_image_folder(root: Path, first_image: str) -> Path:
@@ -235,30 +303,73 @@ def _read_coco(root: Path, options: ReaderOptions) -> Iterator[Record]:
     for path in files:
         part = path.stem.removeprefix("captions_")  # e.g. train2017
         split = re.sub(r"\d+$", "", part) or options.default_split
-        data = json.loads(path.read_text(encoding="utf-8"))
-        texts: dict[int, list[str]] = {}
-        annotation_ids: set[object] = set()
-        for number, annotation in enumerate(data.get("annotations", []), start=1):
-            annotation_id = annotation.get("id", f"#{number}")
-            if annotation_id in annotation_ids:  # an id names one caption: the first one is kept
-                yield BadRecord(number, f"annotation id {annotation_id} appears again; the first is kept: "
-                                f"{annotation.get('caption')!r}"[:300], reason="duplicate_caption_id",
-                                source=f"{path.name}:annotation {annotation_id}")
-                continue
-            annotation_ids.add(annotation_id)
-            texts.setdefault(annotation.get("image_id"), []).append(annotation.get("caption"))
+        try:
+            data = json.loads(path.read_text(**TEXT_ENCODING))
+        except (OSError, ValueError, RecursionError) as err:
+            yield BadRecord(0, f"{path.name}: the annotations file cannot be read as JSON ({type(err).__name__})",
+                            source=path.name)
+            continue
+        lists = [data.get(key) for key in ("images", "annotations")] if isinstance(data, dict) else [None]
+        if not isinstance(data, dict) or any(value is not None and not isinstance(value, list) for value in lists):
+            yield BadRecord(0, f"{path.name}: not a COCO captions object (lists of images and annotations)",
+                            source=path.name)
+            continue
+        texts: dict[object, list[object]] = {}
+        yield from _coco_annotations(path, data.get("annotations"), texts)
         folder = next((f for f in (Path(part), Path("images") / part, Path(".")) if (root / f).is_dir()), Path("."))
-        image_ids: set[object] = set()
-        for image in data.get("images", []):
+        for item in _coco_images(path, data.get("images"), texts, line):
             line += 1
-            if image.get("id") in image_ids:
-                yield BadRecord(line, f"image id {image.get('id')} appears again ({image.get('file_name')}); "
-                                "the first entry is kept", reason="duplicate_image_id",
-                                source=f"{path.name}:image {image.get('id')}")
-                continue
-            image_ids.add(image.get("id"))
-            yield CorpusRecord(line=line, image=str(folder / image["file_name"]), captions=texts.get(image["id"], []),
-                               split=split)
+            yield item if isinstance(item, BadRecord) else CorpusRecord(
+                line=line, image=str(folder / item[0]), captions=item[1], split=split)
+        for image_id, orphans in texts.items():  # annotations of an image the file does not list
+            for caption in orphans:
+                yield BadRecord(0, f"annotation of image id {image_id}, which {path.name} does not list: "
+                                f"{caption!r}"[:300], reason="unknown_image_id", source=f"{path.name}:image {image_id}")
+
+
+def _coco_annotations(path: Path, annotations: object, texts: dict[object, list[object]]) -> Iterator[BadRecord]:
+    """Collect captions by image id into `texts`; yield a BadRecord for each annotation that cannot be used."""
+    annotation_ids: set[object] = set()
+    for number, annotation in enumerate(annotations if isinstance(annotations, list) else [], start=1):
+        if not isinstance(annotation, dict):
+            yield BadRecord(number, f"annotation #{number} is not an object",
+                            source=f"{path.name}:annotation #{number}")
+            continue
+        annotation_id = annotation.get("id", f"#{number}")
+        if not isinstance(annotation_id, (int, str)):
+            annotation_id = f"#{number}"
+        if annotation_id in annotation_ids:  # an id names one caption: the first one is kept
+            yield BadRecord(number, f"annotation id {annotation_id} appears again; the first is kept: "
+                            f"{annotation.get('caption')!r}"[:300], reason="duplicate_caption_id",
+                            source=f"{path.name}:annotation {annotation_id}")
+            continue
+        annotation_ids.add(annotation_id)
+        image_id = annotation.get("image_id")
+        if not isinstance(image_id, (int, str)):
+            yield BadRecord(number, f"annotation {annotation_id} names no image id: "
+                            f"{annotation.get('caption')!r}"[:300], reason="no_image_id",
+                            source=f"{path.name}:annotation {annotation_id}")
+            continue
+        texts.setdefault(image_id, []).append(annotation.get("caption"))
+
+
+def _coco_images(path: Path, images: object, texts: dict[object, list[object]],
+                 line: int) -> Iterator[tuple[str, list[object]] | BadRecord]:
+    """(file name, captions) per image entry, taking its captions out of `texts`; BadRecords for bad entries."""
+    image_ids: set[object] = set()
+    for number, image in enumerate(images if isinstance(images, list) else [], start=line + 1):
+        image_id = image.get("id") if isinstance(image, dict) else None
+        name = image.get("file_name") if isinstance(image, dict) else None
+        if not isinstance(image_id, (int, str)) or not isinstance(name, str) or not name:
+            yield BadRecord(number, f"image entry {image!r} needs an id and a file_name"[:300],
+                            source=f"{path.name}:image #{number - line}")
+            continue
+        if image_id in image_ids:
+            yield BadRecord(number, f"image id {image_id} appears again ({name}); the first entry is kept",
+                            reason="duplicate_image_id", source=f"{path.name}:image {image_id}")
+            continue
+        image_ids.add(image_id)
+        yield name, texts.pop(image_id, [])
 
 
 def _read_webdataset(root: Path, options: ReaderOptions) -> Iterator[Record]:

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import sqlite3
-import unicodedata
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
 
-from crossalign.corpus.folder import BadRecord, CorpusRecord, has_invalid_utf8
+from crossalign.corpus.accounting import Ledger, accounting_line
+from crossalign.corpus.folder import BadRecord, CorpusRecord
 from crossalign.corpus.formats import ReaderOptions, read_records
+from crossalign.corpus.probe import ItemRejected, clean_caption, printable, probe_image, read_file_inside
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA
-from crossalign.imaging import normalisation_steps
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +40,8 @@ class IngestSummary:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     normalised_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
+    # {kind: {"in", "accepted", "merged", "rejected"}}: in = accepted + merged + rejected, checked every ingest
+    accounting: dict[str, dict[str, int]] = field(default_factory=dict)
     images_table: str = ""
     captions_table: str = ""
     rejects_table: str = ""
@@ -95,15 +94,32 @@ def _file_digest(path: Path) -> bytes:
 
 
 class _Rejects:
-    def __init__(self, writer: _TableWriter) -> None:
-        self.writer = writer
+    """The rejects table, the repairs and merges by reason, and the ledger their outcomes are counted in."""
+
+    MERGES = {"duplicate_image_entry": "image", "duplicate_image_merged": "image",
+              "duplicate_caption_dropped": "caption"}
+
+    def __init__(self, writer: _TableWriter, ledger: Ledger) -> None:
+        self.writer, self.ledger = writer, ledger
         self.by_reason: Counter[str] = Counter()
         self.normalised: Counter[str] = Counter()  # what was repaired or merged, by reason
+        self.repaired_captions = 0
 
-    def add(self, kind: str, source: str, reason: str, message: str) -> None:
+    def add(self, kind: str, source: str, reason: str, message: str, captions: int = 0) -> None:
+        """One reject row; `captions` more captions (those of a rejected image entry) are rejected with it."""
+        if captions:
+            message += f" (its {captions} caption{'s' if captions > 1 else ''} not ingested)"
         logger.debug("reject %s %s: %s (%s)", kind, source, reason, message)
         self.by_reason[reason] += 1
-        self.writer.add({"kind": kind, "source": source, "reason": reason, "message": message})
+        self.ledger.outcome("rejected", kind)
+        self.ledger.outcome("rejected", "caption", captions)
+        self.writer.add({"kind": kind, "source": printable(source), "reason": reason,
+                         "message": printable(message, 1000)})
+
+    def merged(self, reason: str) -> None:
+        """One record merged into another (an image listed again, a caption repeated)."""
+        self.normalised[reason] += 1
+        self.ledger.outcome("merged", self.MERGES[reason])
 
 
 class _Seen:
@@ -164,54 +180,6 @@ def content_id(*parts: str | bytes) -> str:
     return digest.hexdigest()[:ID_HEX_DIGITS]
 
 
-def _resolve_inside(root: Path, relative: str) -> Path | None:
-    """The real path of `relative` under `root`, or None when it escapes the root (../, absolute, symlink)."""
-    if os.path.isabs(relative):
-        return None
-    candidate = (root / relative).resolve()
-    return candidate if candidate.is_relative_to(root) else None
-
-
-def _probe_image(data: bytes, max_pixels: int) -> tuple[int, int, str, list[str]]:
-    """Check an image cheaply: header, pixel count, then a reduced-size decode (JPEG draft mode).
-
-    Returns:
-        (width, height, format, the normalisation steps it will need).
-
-    Raises:
-        ValueError: with a reject reason code as its first argument.
-    """
-    if not data:
-        raise ValueError("empty_file", "file has zero bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > max_pixels:  # before any pixel is decoded
-                    raise ValueError("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
-                image_format, steps = img.format or "unknown", normalisation_steps(img)
-                img.draft("RGB", (64, 64))  # decode at reduced size: catches truncation cheaply
-                img.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError("not_an_image", str(err)) from err
-    except OSError as err:
-        raise ValueError("undecodable", str(err)) from err
-    return width, height, image_format, steps
-
-
-def _clean_caption(text: object, max_chars: int) -> tuple[str | None, str | None]:
-    """Return (caption, None), or (None, reason) for an unusable caption. Long captions are truncated."""
-    if not isinstance(text, str):
-        return None, "caption_not_text"
-    if has_invalid_utf8(text):
-        return None, "caption_not_utf8"
-    text = " ".join(unicodedata.normalize("NFC", text).split())
-    if not text:
-        return None, "empty_caption"
-    return text[:max_chars], None
-
-
 def ingest_corpus(
     root: Path,
     workspace: Workspace,
@@ -224,15 +192,19 @@ def ingest_corpus(
     image_column: str = "image",
     caption_column: str = "caption",
     split_column: str = "split",
+    unlisted_split: str = "unlisted",
 ) -> IngestSummary:
     """Read a corpus (any format of `crossalign.corpus.formats`) into `workspace`'s canonical tables.
 
     `fmt="auto"` detects the format when only one fits. Images embedded in the corpus (tar shards,
-    Parquet bytes) are stored once under `corpora/<corpus>/blobs/`.
+    Parquet bytes) are stored once under `corpora/<corpus>/blobs/`. Flickr images that the format's
+    split lists do not name go to split `unlisted_split`.
 
     Images get ids from their bytes, so the same corpus always yields the same tables and duplicate
-    files collapse into one image with the captions of both. Anything unusable is written to the
-    rejects table with a reason code; it never stops the ingest.
+    files collapse into one image with the captions of both. Anything unusable (an unreadable path, a
+    broken image, a malformed line) is written to the rejects table with a reason code; it never stops
+    the ingest. Every input record is accounted for: `summary.accounting` holds, per kind, the records
+    in and how many were accepted, merged and rejected, and the two sides must balance.
 
     Ingest streams: records are read one at a time and rows go to the tables in batches, in input
     order; what it must remember per item (ids for dedup and for the added/removed report) it keeps
@@ -243,10 +215,11 @@ def ingest_corpus(
 
     Raises:
         CorpusConfigError: the root or the captions file is missing.
+        IngestAccountingError: the ledger does not balance (a bug; nothing is committed).
     """
     root = Path(root).expanduser().resolve()
     corpus = corpus or root.name
-    options = ReaderOptions(captions_file, default_split, image_column, caption_column, split_column)
+    options = ReaderOptions(captions_file, default_split, image_column, caption_column, split_column, unlisted_split)
     records = read_records(root, fmt, options)  # config errors raise here, before any work
     workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)
     writers = {
@@ -254,24 +227,25 @@ def ingest_corpus(
         "captions": _TableWriter(workspace.captions_table(corpus), CAPTIONS_SCHEMA),
         "rejects": _TableWriter(workspace.rejects_table(corpus), REJECTS_SCHEMA),
     }
-    rejects = _Rejects(writers["rejects"])
+    ledger = Ledger()
+    rejects = _Rejects(writers["rejects"], ledger)
     seen = _Seen(workspace.corpus_dir(corpus) / f".ingest-index-{os.getpid()}.sqlite")
     blobs = workspace.corpus_dir(corpus) / "blobs"
-    normalised = 0
     try:
         for record in records:
             if isinstance(record, BadRecord):
+                ledger.read("record")
                 rejects.add("record", record.source or f"{captions_file}:{record.line}", record.reason,
                             record.message)
                 continue
+            ledger.read("image")
+            ledger.read("caption", len(record.captions))
             image = _ingest_image(root, record, seen, writers["images"], rejects, max_pixels, blobs)
             if image is None:
                 continue
             for text in record.captions:
-                normalised += _ingest_caption(
-                    image, record.image, text, seen, writers["captions"], rejects, max_caption_chars
-                )
-        return _finish(workspace, corpus, writers, seen, rejects, normalised)
+                _ingest_caption(image, record.image, text, seen, writers["captions"], rejects, max_caption_chars)
+        return _finish(workspace, corpus, writers, seen, rejects)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -284,80 +258,85 @@ def _ingest_image(
     root: Path, record: CorpusRecord, seen: _Seen, images: _TableWriter, rejects: _Rejects, max_pixels: int,
     blobs: Path,
 ) -> tuple[str, str] | None:
-    """Probe, hash and (once per content) write the image of `record`; returns (image_id, split) or None."""
-    if record.data is None:
-        path = _resolve_inside(root, record.image)
-        if path is None:
-            rejects.add("image", record.image, "path_outside_root", f"path escapes the corpus root {root}")
-            return None
-        if not path.is_file():
-            rejects.add("image", record.image, "missing_file", f"no file at {path}")
-            return None
-    data = path.read_bytes() if record.data is None else record.data  # read once: probed and hashed
+    """Read, probe, hash and (once per content) write the image of `record`; returns (image_id, split) or None.
+
+    A failure of this one item (its path, its file, its bytes) becomes a reject row with its captions.
+    """
     try:
-        width, height, image_format, steps = _probe_image(data, max_pixels)
-    except ValueError as err:
-        reason, message = err.args
-        rejects.add("image", record.image, reason, message)
+        split = _check_split(record.split)
+        if record.data is None:
+            path, data = read_file_inside(root, record.image)  # read once: probed and hashed
+        else:
+            path, data = None, record.data
+        width, height, image_format, steps = probe_image(data, record.image, max_pixels)
+    except ItemRejected as err:
+        rejects.add("image", record.image, err.reason, err.message, captions=len(record.captions))
         return None
     digest = hashlib.sha256(data).digest()
     image_id, key = digest.hex()[:ID_HEX_DIGITS], digest[: ID_HEX_DIGITS // 2]
     existing = seen.image(key)
     if existing is not None:
-        split, source = existing
-        if split != record.split:
+        kept_split, source = existing
+        if kept_split != split:
             rejects.add("image", record.image, "duplicate_in_other_split",
-                        f"same bytes as {source} (split {split}): kept there only")
+                        f"same bytes as {source} (split {kept_split}): kept there only", captions=len(record.captions))
             return None
         same_entry = source == record.image
-        logger.info("%s %s: captions merged", record.image, "is listed again" if same_entry else f"has the same "
-                    f"bytes as {source}")
-        rejects.normalised["duplicate_image_entry" if same_entry else "duplicate_image_merged"] += 1
+        logger.info("%s %s: captions merged", printable(record.image), "is listed again" if same_entry else
+                    f"has the same bytes as {printable(source)}")
+        rejects.merged("duplicate_image_entry" if same_entry else "duplicate_image_merged")
         return image_id, split
-    if record.data is not None:
+    if path is None:
         path = blobs / f"{image_id}.{image_format.lower()}"
         if not path.exists():
             blobs.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(record.data)
+            tmp.write_bytes(data)
             os.replace(tmp, path)
-    seen.add_image(key, record.split, record.image)
+    seen.add_image(key, split, printable(record.image))
     seen.normalised_images += bool(steps)
     rejects.normalised.update(steps)
     images.add({
         "image_id": image_id, "uri": str(path), "sha256": digest.hex(),
-        "width": width, "height": height, "split": record.split,
+        "width": width, "height": height, "split": split,
         "status": "normalised:" + ",".join(steps) if steps else "ok",
     })
-    return image_id, record.split
+    return image_id, split
+
+
+def _check_split(split: str) -> str:
+    """A split name fit for the tables: printable UTF-8 text, at most 100 characters."""
+    if printable(split, 101) != split or len(split) > 100 or not split.isprintable() or not split.strip():
+        raise ItemRejected("bad_split", f"split name {printable(split, 60)!r} is not a short printable text")
+    return split
 
 
 def _ingest_caption(
     image: tuple[str, str], source: str, text: object, seen: _Seen, captions: _TableWriter, rejects: _Rejects,
     max_chars: int,
-) -> int:
-    """Add one caption of `image`; returns 1 when it had to be normalised (truncated), else 0."""
+) -> None:
+    """Add one caption of `image`: a row, a merge into the same caption already there, or a reject."""
     image_id, split = image
-    clean, reason = _clean_caption(text, max_chars)
-    if clean is None:
-        messages = {"caption_not_utf8": "caption is not valid UTF-8", "empty_caption": "caption is empty",
-                    "caption_not_text": "caption is not text"}
-        rejects.add("caption", f"{source}: {text!r}"[:300], reason, messages[reason])
-        return 0
+    try:
+        clean, repairs = clean_caption(text, max_chars)
+    except ItemRejected as err:
+        rejects.add("caption", f"{printable(source)}: {text!r}", err.reason, err.message)
+        return
+    rejects.normalised.update(repairs)
+    rejects.repaired_captions += bool(repairs)
     caption_id = content_id(image_id, clean)
     if not seen.add_caption(bytes.fromhex(caption_id)):  # the same caption twice for one image is kept once
-        rejects.normalised["duplicate_caption_dropped"] += 1
+        rejects.merged("duplicate_caption_dropped")
     else:
         captions.add({"caption_id": caption_id, "image_id": image_id, "text": clean, "split": split})
-    truncated = len(" ".join(str(text).split())) > max_chars
-    rejects.normalised["caption_truncated"] += truncated
-    return int(truncated)
 
 
 def _finish(
     workspace: Workspace, corpus: str, writers: dict[str, _TableWriter], seen: _Seen, rejects: _Rejects,
-    normalised: int,
 ) -> IngestSummary:
+    rejects.ledger.outcome("accepted", "image", writers["images"].count)
+    rejects.ledger.outcome("accepted", "caption", writers["captions"].count)
+    accounting = rejects.ledger.check()  # before anything is committed: a lost record is a bug
     added, removed, removed_ids = seen.compare_with(workspace.images_table(corpus))
     if removed:
         logger.warning("%d images of the previous ingest of %s are gone from the corpus (first: %s)",
@@ -372,17 +351,19 @@ def _finish(
         removed_ids=removed_ids,
         captions=writers["captions"].count,
         rejected=writers["rejects"].count,
-        normalised=normalised + seen.normalised_images,
+        normalised=rejects.repaired_captions + seen.normalised_images,
         rejects_by_reason=dict(rejects.by_reason),
         normalised_by_reason={reason: n for reason, n in sorted(rejects.normalised.items()) if n},
         splits=dict(seen.splits),
+        accounting=accounting,
         images_table=str(workspace.images_table(corpus)),
         captions_table=str(workspace.captions_table(corpus)),
         rejects_table=str(workspace.rejects_table(corpus)),
     )
     logger.info(
-        "ingested %s: %d images, %d captions, %d rejected %s",
-        corpus, summary.images, summary.captions, summary.rejected, summary.rejects_by_reason,
+        "ingested %s: %d images, %d captions, %d rejected %s; splits %s; %s",
+        corpus, summary.images, summary.captions, summary.rejected, summary.rejects_by_reason, summary.splits,
+        accounting_line(accounting),
     )
     return summary
 
