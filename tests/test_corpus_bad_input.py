@@ -396,3 +396,16 @@ def test_cli_ingest_of_a_hostile_csv_corpus_prints_the_accounting(prefect_backen
                                      "caption": {"in": 4, "accepted": 3, "merged": 0, "rejected": 1},
                                      "record": {"in": 1, "accepted": 0, "merged": 0, "rejected": 1}}
     assert read_images(Workspace(tmp_path / "ws"), "corpus").num_rows == 3
+
+
+@pytest.mark.parametrize("name", ["captions.jsonl", "Flickr8k.token.txt"])
+def test_corpus_file_linked_outside_the_root_is_refused_unread(tmp_path, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / name).write_text('{"image": "x.jpg", "captions": ["outside"]}\n')
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / name).symlink_to(outside / name)
+
+    with pytest.raises(ValueError, match="outside the corpus root"):
+        ingest_corpus(root, Workspace(tmp_path / "ws"), "c")

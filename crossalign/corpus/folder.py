@@ -45,6 +45,22 @@ class BadRecord:
     source: str | None = None
 
 
+def inside_root(root: Path, path: Path) -> Path:
+    """`path` (a corpus file: captions, token file, split list, shard) when it resolves inside `root`.
+
+    Raises:
+        CorpusConfigError: it resolves outside the root (a symlink out), or cannot be resolved.
+    """
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError) as err:
+        raise CorpusConfigError(f"corpus file {path} cannot be resolved ({type(err).__name__})") from err
+    if not real.is_relative_to(Path(root).resolve()):
+        raise CorpusConfigError(f"corpus file {path} resolves to {real}, outside the corpus root {root}: "
+                                "ingest reads nothing outside the root")
+    return real
+
+
 def read_jsonl_records(root: Path, captions_file: str, default_split: str) -> Iterator[CorpusRecord | BadRecord]:
     """Yield the records of `root/captions_file`, one per line, in file order.
 
@@ -60,7 +76,7 @@ def read_jsonl_records(root: Path, captions_file: str, default_split: str) -> It
             f"captions file {path} not found: the folder layout needs a JSONL file of "
             '{"image": PATH, "captions": [TEXT, ...], "split": NAME} lines (set captions_file to its name)'
         )
-    with path.open("rb") as lines:
+    with inside_root(root, path).open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             if number == 1:
                 raw = raw.removeprefix(UTF8_BOM)  # files saved by common Windows tools start with one

@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossalign.corpus.folder import TEXT_ENCODING, BadRecord, CorpusConfigError, CorpusRecord, read_jsonl_records
+from crossalign.corpus.folder import (
+    TEXT_ENCODING,
+    BadRecord,
+    CorpusConfigError,
+    CorpusRecord,
+    inside_root,
+    read_jsonl_records,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,7 @@ def _table_file(root: Path, options: ReaderOptions, suffix: str) -> Path:
         path = candidates[0]
     if not path.is_file():
         raise CorpusConfigError(f"captions file {path} not found")
+    inside_root(root, path)  # or raises
     return path
 
 
@@ -222,7 +230,7 @@ def _read_flickr(root: Path, options: ReaderOptions) -> Iterator[Record]:
     else:
         raise CorpusConfigError(f"{root}: no *.token.txt or results.csv for the flickr format")
     captions: dict[str, list[str]] = {}
-    for item in lines(path):
+    for item in lines(inside_root(root, path)):
         if isinstance(item, BadRecord):
             yield item
         else:
@@ -283,15 +291,18 @@ def _flickr_split_lists(root: Path) -> dict[str, str]:
     for split_file in sorted(root.glob("*Images.txt")):
         match = re.search(r"\.?(train|dev|val|test)Images\.txt$", split_file.name)
         if match:
-            names = split_file.read_text(**TEXT_ENCODING).split()
+            names = inside_root(root, split_file).read_text(**TEXT_ENCODING).split()
             splits.update({name.strip(): match.group(1) for name in names})
     return splits
 
 
 def _flickr_image_folder(root: Path, first_image: str) -> Path:
     for folder in ("Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k_images", "images", "Images", "."):
-        if (root / folder / first_image).exists():
-            return Path(folder)
+        try:
+            if (root / folder / first_image).exists():
+                return Path(folder)
+        except (OSError, ValueError):  # a name that is no path (a NUL byte): its record is rejected later
+            continue
     return Path(".")
 
 
@@ -304,7 +315,7 @@ def _read_coco(root: Path, options: ReaderOptions) -> Iterator[Record]:
         part = path.stem.removeprefix("captions_")  # e.g. train2017
         split = re.sub(r"\d+$", "", part) or options.default_split
         try:
-            data = json.loads(path.read_text(**TEXT_ENCODING))
+            data = json.loads(inside_root(root, path).read_text(**TEXT_ENCODING))
         except (OSError, ValueError, RecursionError) as err:
             yield BadRecord(0, f"{path.name}: the annotations file cannot be read as JSON ({type(err).__name__})",
                             source=path.name)
@@ -375,7 +386,7 @@ def _coco_images(path: Path, images: object, texts: dict[object, list[object]],
 def _read_webdataset(root: Path, options: ReaderOptions) -> Iterator[Record]:
     from crossalign.corpus.tar_shards import read_tar_shards
 
-    shards = sorted(root.glob("*.tar"))
+    shards = [shard for shard in sorted(root.glob("*.tar")) if inside_root(root, shard)]  # or raises
     if not shards:
         raise CorpusConfigError(f"{root}: no *.tar shards for the webdataset format")
     return read_tar_shards(shards, options.default_split)
