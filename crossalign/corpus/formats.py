@@ -9,12 +9,15 @@ Formats:
                 with the split lists (`Flickr_8k.trainImages.txt` ...) when present
     coco        `captions_<split><year>.json` next to the image folders
     webdataset  `*.tar` shards as img2dataset writes them (`key.jpg` + `key.txt` [+ `key.json`])
+
+Text files are read as UTF-8 with an optional byte-order mark (CRLF or LF); a corpus file that
+resolves outside the root is refused, unread. A reader yields a BadRecord for every input record it
+cannot use, so that ingest can account for all of them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,8 +31,6 @@ from crossalign.corpus.folder import (
     inside_root,
     read_jsonl_records,
 )
-
-logger = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -222,88 +223,9 @@ def _embedded_rows(parquet, column: str, path: Path, caption_column: str, option
 
 
 def _read_flickr(root: Path, options: ReaderOptions) -> Iterator[Record]:
-    token_files = sorted(root.glob("*.token.txt"))
-    if token_files:
-        path, lines = token_files[0], _flickr_token_lines
-    elif (root / "results.csv").is_file():
-        path, lines = root / "results.csv", _flickr30k_result_lines
-    else:
-        raise CorpusConfigError(f"{root}: no *.token.txt or results.csv for the flickr format")
-    captions: dict[str, list[str]] = {}
-    for item in lines(inside_root(root, path)):
-        if isinstance(item, BadRecord):
-            yield item
-        else:
-            captions.setdefault(item[0], []).append(item[1])
-    splits = _flickr_split_lists(root)
-    if splits:  # the images no list names are kept apart, never silently added to a split
-        unlisted = sum(name not in splits for name in captions)
-        if unlisted:
-            logger.warning("%d images of %s are in no split list: split %r", unlisted, path.name,
-                           options.unlisted_split)
-    folder = _flickr_image_folder(root, next(iter(captions), ""))
-    for line, (name, texts) in enumerate(captions.items(), start=1):
-        split = splits.get(name, options.unlisted_split) if splits else options.default_split
-        yield CorpusRecord(line=line, image=str(folder / name), captions=texts, split=split)
+    from crossalign.corpus.flickr import read_flickr
 
-
-def _flickr_token_lines(path: Path) -> Iterator[tuple[str, str] | BadRecord]:
-    """(image name, caption) per line of a Flickr8k/30k token file (`name.jpg#N<TAB>caption`)."""
-    caption_ids: set[str] = set()
-    with path.open(**TEXT_ENCODING) as lines:
-        for number, line in enumerate(lines, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            caption_id, tab, text = line.partition("\t")
-            caption_id = caption_id.strip()
-            if not tab or not caption_id:
-                yield BadRecord(number, f"{path.name}:{number}: not `name.jpg#N<TAB>caption`: {line!r}"[:300],
-                                source=f"{path.name}:{number}")
-                continue
-            if caption_id in caption_ids:  # `name.jpg#N` names one caption: the first one is kept
-                yield BadRecord(number, f"caption id {caption_id} appears again; the first is kept: {text!r}"[:300],
-                                reason="duplicate_caption_id", source=f"{path.name}:{number}")
-                continue
-            caption_ids.add(caption_id)
-            yield caption_id.split("#")[0], text
-
-
-def _flickr30k_result_lines(path: Path) -> Iterator[tuple[str, str] | BadRecord]:
-    """(image name, caption) per line of Flickr30k's `results.csv` (`name| number| caption`)."""
-    with path.open(**TEXT_ENCODING) as lines:
-        next(lines, None)  # the header
-        for number, line in enumerate(lines, start=2):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = [p.strip() for p in line.split("|", 2)]  # the caption itself may hold a "|"
-            if len(parts) != 3 or not parts[0]:
-                yield BadRecord(number, f"{path.name}:{number}: not `name| number| caption`: {line!r}"[:300],
-                                source=f"{path.name}:{number}")
-                continue
-            yield parts[0], parts[2]
-
-
-def _flickr_split_lists(root: Path) -> dict[str, str]:
-    """{image name: split} from the split lists (`Flickr_8k.trainImages.txt` ...); {} when there are none."""
-    splits: dict[str, str] = {}
-    for split_file in sorted(root.glob("*Images.txt")):
-        match = re.search(r"\.?(train|dev|val|test)Images\.txt$", split_file.name)
-        if match:
-            names = inside_root(root, split_file).read_text(**TEXT_ENCODING).split()
-            splits.update({name.strip(): match.group(1) for name in names})
-    return splits
-
-
-def _flickr_image_folder(root: Path, first_image: str) -> Path:
-    for folder in ("Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k_images", "images", "Images", "."):
-        try:
-            if (root / folder / first_image).exists():
-                return Path(folder)
-        except (OSError, ValueError):  # a name that is no path (a NUL byte): its record is rejected later
-            continue
-    return Path(".")
+    return read_flickr(root, options.default_split, options.unlisted_split)
 
 
 def _read_coco(root: Path, options: ReaderOptions) -> Iterator[Record]:
