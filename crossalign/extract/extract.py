@@ -19,9 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from crossalign.corpus import read_captions, read_images
-from crossalign.encoders import ImageEncoder, TextEncoder
+from crossalign.encoders import ImageEncoder
 from crossalign.encoders.base import can_compile_on_cpu
 from crossalign.encoders.composite import SEPARATOR, composite_parts
+from crossalign.encoders.registry import canonical_name
 from crossalign.extract.decode_pool import decode_image, decoded_batches
 from crossalign.extract.encoding import (
     BackoffEncoder,  # noqa: F401 - importable from here, as before the split
@@ -29,6 +30,7 @@ from crossalign.extract.encoding import (
     load_encoder_once,
     run_extraction,
 )
+from crossalign.extract.features import features_dirs
 from crossalign.extract.gpu_decode import gpu_decoded_batches, gpu_decoder, import_nvimgcodec
 from crossalign.extract.shards import done_ids
 from crossalign.workspace import Workspace
@@ -178,14 +180,13 @@ def extract_image_features(
                    "num_workers": num_workers, "split": split, "decode": decode, "only_ids": only_ids,
                    "compile": compile}
         parts = [extract_image_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
-        return combine_summaries(encoder_name, parts)
-    encoder = load_encoder_once(encoder_name, device, precision)
-    assert isinstance(encoder, ImageEncoder), f"{encoder_name} is not an image encoder"
+        return combine_summaries(canonical_name(encoder_name), parts)
+    encoder = load_encoder_once(encoder_name, device, precision, modality="image")
     all_images = read_images(workspace, corpus, split)
     images = _only(all_images, "image_id", only_ids)
     ids, uris = images.column("image_id").to_pylist(), images.column("uri").to_pylist()
     size = encoder.preprocessing.get("size", 224)
-    directory = workspace.features_dir(corpus, encoder.name)
+    (directory,) = features_dirs(workspace, corpus, encoder_name)
     on_gpu = encoder.runtime.device.type == "cuda"
     decode = resolve_decode(decode, on_gpu)
     batch_size = batch_size or (256 if on_gpu else 32)
@@ -284,12 +285,11 @@ def extract_text_features(
         options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
                    "split": split, "only_ids": only_ids}
         parts = [extract_text_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
-        return combine_summaries(encoder_name, parts)
-    encoder = load_encoder_once(encoder_name, device, precision)
-    assert isinstance(encoder, TextEncoder), f"{encoder_name} is not a text encoder"
+        return combine_summaries(canonical_name(encoder_name), parts)
+    encoder = load_encoder_once(encoder_name, device, precision, modality="text")
     captions = _only(read_captions(workspace, corpus, split), "caption_id", only_ids)
     ids, texts = captions.column("caption_id").to_pylist(), captions.column("text").to_pylist()
-    directory = workspace.features_dir(corpus, encoder.name)
+    (directory,) = features_dirs(workspace, corpus, encoder_name)
 
     def batches(todo: list[int]) -> Iterator[tuple[list[int], list[str], list[str]]]:
         # One shard's worth at a time: the encoder sorts by length inside it to avoid padding.

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from crossalign.encoders.composite import composite_description, composite_parts
+from crossalign.encoders.registry import canonical_name
 from crossalign.extract.manifest import FeatureManifest
 from crossalign.extract.shards import ShardLocator, read_features
 from crossalign.workspace import Workspace, WorkspaceError
+
+
+def features_dirs(workspace: Workspace, corpus: str, encoder_name: str) -> list[Path]:
+    """The features directory of each part of `encoder_name` (one, unless it is a composite `a,b`) in `corpus`.
+
+    Named by the registry's canonical name of the part (`canonical_name`), the one the loaded encoder
+    reports: any spelling of an encoder finds the features that another spelling wrote. The planner,
+    the writer and the readers of features all call this.
+    """
+    return [workspace.features_dir(corpus, part) for part in composite_parts(canonical_name(encoder_name))]
 
 
 @dataclass
@@ -26,10 +38,13 @@ class FeatureSet:
     @classmethod
     def open(cls, workspace: Workspace, corpus: str, name: str) -> FeatureSet:
         """
+        `name` in any spelling; the set's `name` is the canonical one.
+
         Raises:
             WorkspaceError: features of the encoder (or of one of its parts) were never extracted.
         """
-        directories = [workspace.features_dir(corpus, part) for part in composite_parts(name)]
+        name = canonical_name(name)
+        directories = features_dirs(workspace, corpus, name)
         manifests = [FeatureManifest.load(directory) for directory in directories]
         missing = [part for part, manifest in zip(composite_parts(name), manifests) if manifest is None]
         if missing:

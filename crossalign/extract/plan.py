@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from crossalign.corpus import read_captions, read_images
-from crossalign.encoders.composite import composite_parts
+from crossalign.encoders.registry import canonical_name
 from crossalign.extract.encoding import ExtractSummary
+from crossalign.extract.features import features_dirs
 from crossalign.extract.shards import done_ids
 from crossalign.workspace import Workspace
 
@@ -22,7 +23,7 @@ MODALITIES = ("image", "text")
 class ShardPlan:
     """The pending work of one encoder on one corpus (small: passed between Prefect tasks)."""
 
-    encoder: str
+    encoder: str  # the canonical name
     modality: str
     total: int  # items of the corpus (split)
     already_done: int  # items with features from every part of the encoder
@@ -53,11 +54,11 @@ def plan_shards(
         ids = read_images(workspace, corpus, split).column("image_id").to_pylist()
     else:
         ids = read_captions(workspace, corpus, split).column("caption_id").to_pylist()
-    directories = [workspace.features_dir(corpus, part) for part in composite_parts(encoder_name)]
+    directories = features_dirs(workspace, corpus, encoder_name)
     done = [done_ids(directory) for directory in directories]
     pending = [item for item in ids if any(item not in part_done for part_done in done)]
     return ShardPlan(
-        encoder=encoder_name, modality=modality, total=len(ids), already_done=len(ids) - len(pending),
+        encoder=canonical_name(encoder_name), modality=modality, total=len(ids), already_done=len(ids) - len(pending),
         shards=[pending[start:start + shard_size] for start in range(0, len(pending), shard_size)],
         features_dir=",".join(str(directory) for directory in directories),
     )
