@@ -1,6 +1,7 @@
 """The `crossalign` command: builds the same `PipelineConfig` the flows take, and shows people the results.
 
-Every error a user can cause ends in one line on stderr and exit code 2, never a traceback.
+Every error a user can cause ends in one line on stderr and exit code 2, never a traceback: not from the
+CLI, nor from Prefect's records of a failed run, which stay in the run's logs (`--debug` shows both).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -68,6 +70,16 @@ DEFAULT_TEXT_ENCODER = ExtractConfig.model_fields["text_encoder"].default
 DEFAULT_DECODE = ExtractConfig.model_fields["decode"].default
 DEFAULT_NORMALISE = QueryBankConfig.model_fields["method"].default
 TRAIN = TrainConfig()  # the training defaults, read from the config (never repeated here)
+_console = {"debug": False}  # set by the `--debug` option, for the command that follows
+
+
+@app.callback()
+def _console_options(
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show tracebacks on the console: of an error, and Prefect's records of a failed run (which "
+        "its run logs always keep); so does PREFECT_LOGGING_LEVEL=DEBUG.")] = False,
+) -> None:
+    _console["debug"] = debug or os.environ.get("PREFECT_LOGGING_LEVEL", "").upper() == "DEBUG"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -91,11 +103,29 @@ def _friendly(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except _user_errors() as err:
+            if _console["debug"]:
+                traceback.print_exc()
             message = str(err).splitlines()[0] if not isinstance(err, ValidationError) else _validation(err)
             typer.secho(f"error: {message}", err=True, fg="red")
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _preflight(config: PipelineConfig, *stages: str) -> None:
+    """Fail before any work, as the flows' first task would (`crossalign.preflight.check_config`): for `stages`,
+    or for the whole pipeline's."""
+    from crossalign.preflight import STAGES, check_config
+
+    check_config(config, stages or STAGES)
+
+
+def _run_flow(flow: Callable[[PipelineConfig], Any], config: PipelineConfig) -> Any:
+    """Run `flow`; a failure's records stay in the run's logs, off the console, unless `--debug`."""
+    from flows.console import quiet_run_failures
+
+    quiet_run_failures(not _console["debug"])
+    return flow(config)
 
 
 def _validation(err: ValidationError) -> str:
@@ -140,21 +170,10 @@ def run(
                             "heads": heads, "batch_size": batch_size},
                      retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
-    _check_encoders(config)
+    _preflight(config)
     from flows.pipeline import pipeline
 
-    result = pipeline(config)
-    _print_run(result, config)
-
-
-def _check_encoders(config: PipelineConfig) -> None:
-    """Fail before any work on a missing corpus folder or an encoder that cannot load (loads are cached)."""
-    if not config.corpus.root.is_dir():
-        raise FileNotFoundError(f"corpus folder {config.corpus.root} does not exist")
-    from crossalign.encoders import load_encoder
-
-    for name in (config.extract.image_encoder, config.extract.text_encoder):
-        load_encoder(name, config.extract.device, config.extract.precision)
+    _print_run(_run_flow(pipeline, config), config)
 
 
 def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
@@ -316,7 +335,8 @@ def ingest(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt
     from flows.ingest import ingest_flow
 
     config = _config(corpus, workspace, "train", "dev", fmt)
-    typer.echo(json.dumps(ingest_flow(config), indent=2, default=str))
+    _preflight(config, "ingest")
+    typer.echo(json.dumps(_run_flow(ingest_flow, config), indent=2, default=str))
 
 
 @app.command()
@@ -335,8 +355,8 @@ def extract(
                "compile": compile, "decode": decode}
     config = _config(corpus, workspace, "train", "dev", fmt, extract=extract,
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
-    _check_encoders(config)
-    typer.echo(json.dumps(extract_flow(config), indent=2, default=str))
+    _preflight(config, "extract")
+    typer.echo(json.dumps(_run_flow(extract_flow, config), indent=2, default=str))
 
 
 @app.command()
@@ -360,7 +380,8 @@ def train(
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
                             "heads": heads, "batch_size": batch_size},
                      querybank=QueryBankConfig(method=normalise))
-    typer.echo(json.dumps(train_flow(config), indent=2, default=str))
+    _preflight(config, "train")
+    typer.echo(json.dumps(_run_flow(train_flow, config), indent=2, default=str))
 
 
 @app.command()
@@ -374,7 +395,8 @@ def embed(
     from flows.embed import embed_flow
 
     config = _config(corpus, workspace, "train", "dev", fmt, store={"metric": metric, "mapper_id": mapper})
-    typer.echo(json.dumps(embed_flow(config), indent=2, default=str))
+    _preflight(config, "embed")
+    typer.echo(json.dumps(_run_flow(embed_flow, config), indent=2, default=str))
 
 
 @app.command("fashion-mnist")

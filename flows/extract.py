@@ -70,6 +70,7 @@ def extract_stage(config: PipelineConfig) -> list[dict[str, Any]]:
 @flow(name="extract")
 def extract_flow(config: PipelineConfig) -> list[dict[str, Any]]:
     """Extract the image and caption features the workspace lacks for `config.corpus`."""
+    tasks.preflight(config, ["extract"])
     summaries = extract_stage(config)
     tasks.publish_throughput(summaries)
     return summaries

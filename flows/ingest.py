@@ -11,4 +11,5 @@ from flows import tasks
 @flow(name="ingest")
 def ingest_flow(config: PipelineConfig) -> dict[str, Any]:
     """Ingest `config.corpus` into `config.workspace`."""
+    tasks.preflight(config, ["ingest"])
     return tasks.ingest(config)

@@ -5,6 +5,7 @@ from typing import Any
 from prefect import flow
 
 from crossalign.config import PipelineConfig
+from crossalign.preflight import STAGES
 from crossalign.workspace import Workspace
 from flows import tasks
 from flows.extract import extract_stage
@@ -19,6 +20,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     Returns small summaries of each stage: counts, throughput, the eval-split metrics, sample searches.
     """
+    tasks.preflight(config, list(STAGES))
     ingested = tasks.ingest(config)
     extracted = extract_stage(config)
     tasks.publish_throughput(extracted)

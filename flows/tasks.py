@@ -17,6 +17,7 @@ from crossalign.align.report import SavedReport, plot_training_curve, png_data_u
 from crossalign.config import PipelineConfig
 from crossalign.corpus import first_captions, ingest_corpus
 from crossalign.corpus.accounting import accounting_line
+from crossalign.encoders import EncoderModalityError, WeightsUnavailableError
 from crossalign.extract import (
     ExtractSummary,
     FeatureMismatchError,
@@ -26,6 +27,7 @@ from crossalign.extract import (
     extract_text_features,
     plan_shards,
 )
+from crossalign.preflight import check_config
 from crossalign.search import Searcher
 from crossalign.store import embed_corpus
 from crossalign.workspace import Workspace, WorkspaceError
@@ -71,6 +73,12 @@ def _training_curve_markdown(report: SavedReport) -> str:
             f"| head | step | loss | dev rsum |\n|---:|---:|---:|---:|\n{rows}")
 
 
+@task(name="check-config")
+def preflight(config: PipelineConfig, stages: list[str]) -> None:
+    """Fail the run before any work when this machine or workspace cannot run `config` (`check_config`)."""
+    check_config(config, stages)
+
+
 @task(name="ingest")
 def ingest(config: PipelineConfig) -> dict[str, Any]:
     c = config.corpus
@@ -105,10 +113,11 @@ def plan_extraction(config: PipelineConfig, modality: str) -> dict[str, Any]:
 
 
 def _retry_unless_setup_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a shard that failed for a passing reason; features of another encoder or a missing corpus stay wrong."""
+    """Retry a shard that failed for a passing reason; features of another encoder, a missing corpus, an encoder
+    of the other modality or missing weights stay wrong."""
     try:
         state.result()
-    except (FeatureMismatchError, WorkspaceError):
+    except (FeatureMismatchError, WorkspaceError, EncoderModalityError, WeightsUnavailableError):
         return False
     except Exception:  # noqa: BLE001 - anything else may pass (out of memory, a flaky filesystem): retry
         pass

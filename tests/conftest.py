@@ -112,6 +112,30 @@ def ingest_and_extract(corpus_root: Path, workspace: Workspace, corpus: str = "t
     return corpus
 
 
+def flush_logs() -> None:
+    """Send the log records this process still buffers to the Prefect API (before reading a run's logs back)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+
+
+def run_logs(flow_run_id) -> list:
+    """The logs of flow run `flow_run_id` and of its subflow runs, read back from the Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [flow_run_id, *(child.id for child in children)]
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+
+
 @pytest.fixture(scope="session")
 def prefect_backend():
     """One real Prefect backend (a temporary database and server) for the whole test session."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,6 +209,11 @@ def test_tables_built_before_normalisers_search_raw_with_a_one_line_notice(cli_w
         (["extract", "--corpus", "{corpus}", "--workspace", "{empty}", "--decode", "fibres"],
          "invalid decode: Input should be 'auto', 'threads', 'processes', 'nvjpeg' or 'nvimgcodec'"),
         (["extract", "--corpus", "{missing}", "--workspace", "{empty}"], "does not exist"),
+        (["extract", "--corpus", "{corpus}", "--workspace", "{empty}"], "is not ingested into workspace"),
+        (["run", "--corpus", "{corpus}", "--workspace", "{empty}", "--text-encoder", "efficientnet-lite0"],
+         "'efficientnet-lite0' is an image encoder, not a text encoder: use one of minilm-l6, mpnet-base"),
+        (["train", "--corpus", "{corpus}", "--workspace", "{empty}"], "no efficientnet-lite0 features for corpus"),
+        (["embed", "--corpus", "{corpus}", "--workspace", "{empty}"], "has no trained mapper yet"),
     ],
 )
 def test_user_errors_are_one_line(cli_workspace, tmp_path, args, message):
@@ -217,3 +225,87 @@ def test_user_errors_are_one_line(cli_workspace, tmp_path, args, message):
     result = runner.invoke(app, [a.format(**values) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_extract_with_an_encoder_of_the_wrong_modality_fails_before_any_task_runs(cli_workspace):
+    from prefect import get_client
+
+    corpus, workspace, _ = cli_workspace
+    features = sorted(path.name for path in (workspace / "features" / "corpus").iterdir())
+    with get_client(sync_client=True) as client:
+        runs_before = client.count_flow_runs()
+
+    result = runner.invoke(app, ["extract", "--corpus", str(corpus), "--workspace", str(workspace),
+                                 "--image-encoder", "minilm-l6", "--device", "cpu"])
+
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "error: 'minilm-l6' is a text encoder, not an image encoder: use one of efficientnet-lite0, "
+        "efficientnet-lite2, torchvision:<model>, <image encoder>+flip, <encoder>,<encoder> (one modality)"]
+    with get_client(sync_client=True) as client:
+        assert client.count_flow_runs() == runs_before  # no flow run started, so no task ran
+    assert sorted(path.name for path in (workspace / "features" / "corpus").iterdir()) == features
+
+
+def test_a_user_error_inside_a_run_is_one_line_and_its_traceback_stays_in_the_run_logs(prefect_backend, tmp_path):
+    """A corpus file the ingest task refuses (no caption column): the console shows the CLI's one line, and
+    Prefect's records of the failure, tracebacks included, are in the run's logs (the UI), not on the console."""
+    from conftest import IMAGE_ENCODER, TEXT_ENCODER, write_picture
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL
+
+    corpus = tmp_path / "corpus"
+    record = write_picture(corpus, 0, "train")
+    (corpus / "captions.csv").write_text(f"image,text\n{record['image']},{record['captions'][0]}\n")
+    command = [sys.executable, "-m", "crossalign.cli", "run", "--corpus", str(corpus), "--workspace",
+               str(tmp_path / "ws"), "--image-encoder", IMAGE_ENCODER, "--text-encoder", TEXT_ENCODER,
+               "--device", "cpu", "--precision", "fp32"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's backend
+    env.pop("PREFECT_LOGGING_LEVEL", None)
+    run = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True,
+                         timeout=300)
+
+    message = f"{corpus / 'captions.csv'}: no column 'caption' (columns: image, text)"
+    console = run.stdout + run.stderr
+    assert run.returncode == 2, console[-3000:]
+    assert [line for line in console.splitlines() if "no column 'caption'" in line] == [
+        f"error: {message}; set image_column / caption_column"], console[-3000:]
+    assert "Traceback" not in console and "| ERROR" not in console and "Failed" not in console, console[-3000:]
+    assert "Beginning flow run" in console  # Prefect's progress lines stay
+    with get_client(sync_client=True) as client:
+        failed = client.read_flow_runs(flow_run_filter=FlowRunFilter(state={"type": FlowRunFilterStateType(
+            any_=["FAILED"])}))
+        (flow_run,) = [r for r in failed if r.parameters["config"].get("workspace") == str(tmp_path / "ws")]
+        logs = [log.message for log in client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))]
+    assert flow_run.state_type.value == "FAILED" and message in flow_run.state.message
+    assert any("Traceback" in log and "CorpusConfigError" in log and message in log for log in logs), logs
+
+
+def test_debug_shows_the_traceback_before_the_one_line(tmp_path):
+    result = runner.invoke(app, ["--debug", "run", "--corpus", str(tmp_path / "missing"), "-w", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and result.output.splitlines()[-1] == (
+        f"error: corpus folder {tmp_path / 'missing'} does not exist")
+    quiet = runner.invoke(app, ["run", "--corpus", str(tmp_path / "missing"), "-w", str(tmp_path)])
+    assert quiet.exit_code == 2 and quiet.output.splitlines() == [
+        f"error: corpus folder {tmp_path / 'missing'} does not exist"]
+
+
+def test_the_console_filter_drops_a_runs_failure_records_only_while_quiet():
+    import logging
+
+    from flows.console import RunFailureFilter
+
+    def record(name: str, level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    progress = record("prefect.task_runs", logging.INFO, "Finished in state Completed()")
+    failures = [record("prefect.task_runs", logging.ERROR, "Task run failed with exception: ValueError('x')"),
+                record("prefect.flow_runs", logging.INFO, "Finished in state Failed('Flow run encountered ...')")]
+    other = record("crossalign.extract.encoding", logging.ERROR, "not a run's record")
+    run_filter = RunFailureFilter()
+    assert [run_filter.filter(r) for r in (progress, *failures, other)] == [True, False, False, True]
+    run_filter.quiet = False  # --debug
+    assert all(run_filter.filter(r) for r in (progress, *failures, other))

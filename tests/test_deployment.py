@@ -94,13 +94,13 @@ def _flow_finished(logs: list[dict[str, Any]]) -> bool:
     return any(log["task_run_id"] is None and log["message"].startswith("Finished in state") for log in logs)
 
 
-def _run_deployment(deployed: dict[str, Any], name: str) -> dict[str, Any]:
-    """Trigger `pipeline/pipeline` with the CLI (its own corpus and workspace, plus RUN_OVERRIDES) and wait for it.
+def _trigger(deployed: dict[str, Any], name: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+    """Trigger `pipeline/pipeline` with the CLI (its own corpus and workspace, plus `overrides`) and wait for it.
 
-    Returns the finished flow run, its `extract-throughput` table rows and its log messages.
+    Returns the flow run, once in a terminal state (or the worker gone, or time up), and its logs.
     """
     api, worker = deployed["api"], deployed["worker"]
-    config = deployed["deployment"]["parameters"]["config"] | RUN_OVERRIDES
+    config = deployed["deployment"]["parameters"]["config"] | overrides
     out = _prefect(["deployment", "run", DEPLOYMENT, "--params", json.dumps({"config": config}),
                     "--flow-run-name", name], deployed["env"]).stdout
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
@@ -111,12 +111,23 @@ def _run_deployment(deployed: dict[str, Any], name: str) -> dict[str, Any]:
             break
         time.sleep(2)
     logs, logs_deadline = _flow_run_logs(api, flow_run_id), time.monotonic() + LOGS_TIMEOUT_S
-    while flow_run["state_type"] == "COMPLETED" and not _flow_finished(logs):
+    while flow_run["state_type"] in ("COMPLETED", "FAILED") and not _flow_finished(logs):
         # Logs reach the API in batches, after the state: the flow's last message says that all have arrived.
         assert time.monotonic() < logs_deadline, f"the last logs of {name} never arrived:\n" + "\n".join(
             log["message"] for log in logs[-20:])
         time.sleep(1)
         logs = _flow_run_logs(api, flow_run_id)
+    return flow_run, logs
+
+
+def _run_deployment(deployed: dict[str, Any], name: str) -> dict[str, Any]:
+    """Trigger `pipeline/pipeline` with RUN_OVERRIDES (see `_trigger`) and wait for it to complete.
+
+    Returns the finished flow run, its `extract-throughput` table rows and its log messages.
+    """
+    api, worker = deployed["api"], deployed["worker"]
+    flow_run, logs = _trigger(deployed, name, RUN_OVERRIDES)
+    flow_run_id = flow_run["id"]
     assert flow_run["state_type"] == "COMPLETED", (
         f"flow run {name} is {flow_run['state_type']} ({flow_run['state']['message']}) after "
         f"{flow_run['total_run_time']:.0f} s; worker exit code {worker.poll()}. Worker log:\n"
@@ -218,6 +229,23 @@ def test_tables_answer_queries_about_the_new_pictures(deployed: dict[str, Any], 
     found = searcher.text_to_text("black", limit=10, mode="fts")
     expected = [(new_ids[Path(record["image"]).name], record["captions"][0]) for record in incremental["records"]]
     assert sorted((h.image_id, h.text) for h in found) == sorted(expected), [h.to_dict() for h in found]
+
+
+def test_a_run_with_an_encoder_of_the_wrong_modality_fails_before_extraction(deployed: dict[str, Any]) -> None:
+    """The check the CLI makes before a run, made by the run itself: a run from the UI or a schedule fails the
+    same way, before any work, with the CLI's message in its logs."""
+    overrides = {**RUN_OVERRIDES, "extract": {**RUN_OVERRIDES["extract"], "image_encoder": "minilm-l6"}}
+    flow_run, logs = _trigger(deployed, "wrong-modality", overrides)
+
+    message = "'minilm-l6' is a text encoder, not an image encoder: use one of efficientnet-lite0"
+    assert flow_run["state_type"] == "FAILED" and message in flow_run["state"]["message"], flow_run["state"]
+    assert any(message in log["message"] and log["task_run_id"] is not None for log in logs), logs  # check-config's
+    task_runs = httpx.post(f"{deployed['api']}/task_runs/filter", json={"flow_runs": {"id": {"any_": [
+        flow_run["id"]]}}}).raise_for_status().json()
+    assert [(run["name"].rsplit("-", 1)[0], run["state_type"]) for run in task_runs] == [("check-config", "FAILED")]
+    subflows = httpx.post(f"{deployed['api']}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {
+        "any_": [flow_run["id"]]}}}).raise_for_status().json()
+    assert subflows == []  # no extraction started
 
 
 def _load_serve() -> ModuleType:

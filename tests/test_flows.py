@@ -8,7 +8,7 @@ import lancedb
 import pytest
 import yaml
 
-from crossalign.config import CorpusConfig, PipelineConfig, TrainConfig
+from crossalign.config import CorpusConfig, ExtractConfig, PipelineConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,31 @@ def test_pipeline_publishes_metrics_artifact(pipeline_run):
     _, first, _ = pipeline_run
     artifact = Artifact.get("retrieval-metrics")
     assert artifact is not None and first["metrics"]["mapper_id"] in artifact.data
+
+
+def test_an_encoder_of_the_wrong_modality_fails_the_run_before_any_work(prefect_backend, tmp_path):
+    from conftest import flush_logs, run_logs, write_tiny_corpus
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    from flows.pipeline import pipeline
+
+    config = PipelineConfig(workspace=tmp_path / "ws", corpus=CorpusConfig(root=write_tiny_corpus(tmp_path / "c")),
+                            extract=ExtractConfig(image_encoder="minilm-l6", device="cpu", precision="fp32"))
+    state = pipeline(config, return_state=True)
+
+    message = "'minilm-l6' is a text encoder, not an image encoder: use one of efficientnet-lite0"
+    assert state.is_failed() and message in state.message
+    flow_run_id = state.state_details.flow_run_id
+    flush_logs()
+    logs = [log.message for log in run_logs(flow_run_id)]
+    assert any(message in log and "Traceback" in log for log in logs), logs  # the traceback is in the run's logs
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id={"any_": [flow_run_id]}))
+    assert [(t.name.rsplit("-", 1)[0], t.state_type.value) for t in tasks] == [("check-config", "FAILED")]
+    assert subflows == [] and not (tmp_path / "ws").exists()  # no extraction, nothing written
 
 
 def test_deployment_file_schedules_the_pipeline_daily():

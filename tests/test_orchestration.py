@@ -14,7 +14,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pytest
-from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, write_tiny_corpus
+from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, flush_logs, run_logs, write_tiny_corpus
 
 from crossalign.config import CorpusConfig, ExtractConfig, PipelineConfig, RunnerConfig, TrainConfig
 from crossalign.corpus import ingest_corpus, read_captions, read_images
@@ -51,29 +51,6 @@ def expected_ids(config: PipelineConfig) -> dict[str, list[str]]:
     workspace = Workspace(config.workspace)
     return {IMAGE_ENCODER: read_images(workspace, CORPUS).column("image_id").to_pylist(),
             TEXT_ENCODER: read_captions(workspace, CORPUS).column("caption_id").to_pylist()}
-
-
-def flush_logs() -> None:
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=10)
-
-
-def run_logs(flow_run_id) -> list:
-    """The logs of flow run `flow_run_id` and of its subflow runs, read back from the Prefect API."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        ids = [flow_run_id, *(child.id for child in children)]
-        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
 
 
 @pytest.fixture(scope="module")
