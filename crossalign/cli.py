@@ -187,6 +187,7 @@ def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
     for s in result["extract"]:
         typer.echo(f"extracted {s['encoder']}: {s['encoded']} new ({s['items_per_s']}/s, {s['precision']}), "
                    f"{s['already_done']} already done, {s['failed']} failed")
+    typer.echo(f"\nmapper: {result['mapper']['reason']}")
     typer.echo(f"\nretrieval on {config.train.eval_split} (mapper {result['metrics']['mapper_id']}):")
     typer.echo(metrics_table(result["metrics"]))
     typer.echo("\nsample text -> image searches:")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from crossalign.align import evaluate_current_mapper, fit_mapper, metrics_table, reusable_mapper
+from crossalign.align import MapperChoice, choose_mapper, evaluate_current_mapper, fit_mapper, metrics_table
 from crossalign.align.report import SavedReport, plot_training_curve, png_data_url, read_report
 from crossalign.config import PipelineConfig
 from crossalign.corpus import first_captions, ingest_corpus
@@ -164,11 +164,16 @@ def publish_throughput(summaries: list[dict[str, Any]]) -> None:
     )
 
 
-@task(name="reusable-mapper")
-def find_reusable_mapper(config: PipelineConfig) -> str | None:
-    if config.retrain:
-        return None
-    return reusable_mapper(_workspace(config), config.extract.image_encoder, config.extract.text_encoder)
+@task(name="choose-mapper")
+def choose(config: PipelineConfig) -> dict[str, Any]:
+    """Reuse the current mapper only when it was trained on the same data with the same options (`choose_mapper`)."""
+    return choose_mapper(_workspace(config), config.corpus.corpus_name, config.extract.image_encoder,
+                         config.extract.text_encoder, config.train, config.querybank, config.retrain).to_dict()
+
+
+def mapper_outcome(choice: dict[str, Any], mapper_id: str) -> dict[str, Any]:
+    """Which mapper the run used and why, as the run's result and its artifact say it."""
+    return {"mapper_id": mapper_id, "reused": choice["reused"], "reason": MapperChoice(**choice).outcome(mapper_id)}
 
 
 @task(name="train-mapper")
@@ -186,12 +191,14 @@ def evaluate(config: PipelineConfig, split: str) -> dict[str, Any]:
 
 
 @task(name="publish-metrics")
-def publish_metrics(config: PipelineConfig, metrics: dict[str, Any], mapper_id: str) -> None:
-    """The metrics table on the eval split and the mapper's recall@K plot (inline PNG), in one artifact."""
+def publish_metrics(config: PipelineConfig, metrics: dict[str, Any], mapper_id: str, note: str = "") -> None:
+    """The metrics table on the eval split and the mapper's recall@K plot (inline PNG), in one artifact; `note`
+    (which mapper the run used, and why) above them."""
     split = config.train.eval_split
     report = read_report(_workspace(config).mapper_dir(mapper_id))
     create_markdown_artifact(key="retrieval-metrics", description=f"Retrieval metrics on {split} and recall@K plot",
                              markdown=f"### Retrieval on `{split}` (mapper `{mapper_id}`)\n\n"
+                                      + (f"Mapper: {_cell(note, 2000)}\n\n" if note else "")
                                       + metrics_table(metrics) + "\n\n" + _recall_plot_markdown(report))
 
 

@@ -605,3 +605,68 @@ def test_input_dropout_drops_the_rounded_share_and_keeps_the_mean() -> None:
     assert out.mean().item() == pytest.approx(1.0, abs=0.02)
     assert out.unique().tolist() == [0.0, pytest.approx(256 / 102)]
     assert torch.equal(dropout.eval()(x), x)
+
+
+# --- reuse or train: the mapper a pipeline run uses -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted_copy(features: tuple[Path, Workspace, str],
+                tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, str, str, dict]:
+    """A copy of the module's workspace, its current mapper trained by `fit_mapper` with `options` (read only)."""
+    _, original, corpus = features
+    workspace = Workspace(shutil.copytree(original.root, tmp_path_factory.mktemp("reuse") / "ws"))
+    options = {**TRAIN_OPTIONS, "steps": 20}
+    return workspace, corpus, fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **options).mapper_id, options
+
+
+def test_the_same_training_configuration_reuses_the_mapper(fitted_copy) -> None:
+    from crossalign.align import choose_mapper
+    from crossalign.config import QueryBankConfig, TrainConfig
+
+    workspace, corpus, mapper_id, options = fitted_copy
+    for image, text in ((IMAGE_ENCODER, TEXT_ENCODER), (f" {IMAGE_ENCODER}", f"{TEXT_ENCODER} ")):  # any spelling
+        choice = choose_mapper(workspace, corpus, image, text, TrainConfig(**options), QueryBankConfig())
+        assert (choice.mapper_id, choice.reused) == (mapper_id, True)
+    assert choice.outcome(mapper_id) == (
+        f"reused {mapper_id}: trained on the same data ({corpus}:train, selected on dev, features of {IMAGE_ENCODER} "
+        f"and {TEXT_ENCODER}) with the same training options")
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"train": {"loss": "vsepp"}}, "loss 'infonce' (this run: 'vsepp')"),
+    ({"train": {"lr": 0.01}}, "lr 0.003 (this run: 0.01)"),
+    ({"train": {"train_split": "dev"}}, "train_split 'train' (this run: 'dev')"),
+    ({"train": {"eval_split": "train", "steps": 30}}, "eval_split 'dev' (this run: 'train'); steps 20 (this run: 30)"),
+    ({"querybank": {"size": 5}}, "querybank.size 10000 (this run: 5)"),
+    ({"image_encoder": f"{IMAGE_ENCODER},{IMAGE_ENCODER}"}, "image_features.dim 1280 (this run: 2560)"),
+    ({"retrain": True}, "retrain was asked"),
+])
+def test_other_training_data_or_options_train_a_new_mapper(fitted_copy, change: dict, reason: str) -> None:
+    from crossalign.align import choose_mapper
+    from crossalign.config import QueryBankConfig, TrainConfig
+
+    workspace, corpus, mapper_id, options = fitted_copy
+    choice = choose_mapper(workspace, corpus, change.get("image_encoder", IMAGE_ENCODER), TEXT_ENCODER,
+                           TrainConfig(**{**options, **change.get("train", {})}),
+                           QueryBankConfig(**change.get("querybank", {})), retrain=change.get("retrain", False))
+    assert (choice.mapper_id, choice.reused) == (None, False)
+    assert reason in choice.reason, choice.reason
+    if "retrain" not in change:
+        assert choice.reason.startswith(f"the current one, {mapper_id}, was trained with ")
+    assert choice.outcome("mapper-new") == f"trained a new mapper, mapper-new: {choice.reason}"
+    assert choice.outcome(mapper_id) == f"trained {mapper_id} again (the same weights as before): {choice.reason}"
+
+
+def test_a_mapper_saved_without_its_training_record_is_not_reused(fitted_copy, tmp_path: Path) -> None:
+    from crossalign.align import choose_mapper
+    from crossalign.align.reuse import RECORD_KEY
+    from crossalign.config import QueryBankConfig, TrainConfig
+
+    fitted, corpus, mapper_id, options = fitted_copy
+    workspace = Workspace(shutil.copytree(fitted.root, tmp_path / "ws"))
+    config_file = workspace.mapper_dir(mapper_id) / "config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in saved.items() if k != RECORD_KEY}))  # as older versions
+    choice = choose_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**options), QueryBankConfig())
+    assert not choice.reused and "saved without its training configuration" in choice.reason

@@ -45,6 +45,28 @@ def test_run_prints_metrics_samples_and_tables(cli_workspace):
     _, workspace, output = cli_workspace
     assert "text → image" in output and "image → text" in output
     assert str(workspace / "lancedb") in output
+    (line,) = [line for line in output.splitlines() if line.startswith("mapper: ")]
+    assert line.startswith("mapper: trained a new mapper, mapper-") and line.endswith(": the workspace has none yet")
+
+
+def test_a_run_with_other_training_options_trains_a_new_mapper_and_says_why(cli_workspace, tmp_path):
+    import shutil
+
+    from crossalign.workspace import Workspace
+
+    corpus, workspace, _ = cli_workspace
+    copy = tmp_path / "ws"
+    shutil.copytree(workspace, copy)
+    old = Workspace(copy).current_mapper_id()
+
+    result = runner.invoke(app, ["run", "--corpus", str(corpus), "--workspace", str(copy), "--steps", "200",
+                                 "--loss", "vsepp", "--dim", "256"])
+
+    assert result.exit_code == 0, result.output
+    new = Workspace(copy).current_mapper_id()
+    assert new != old
+    assert (f"mapper: trained a new mapper, {new}: the current one, {old}, was trained with dim 512 (this run: "
+            "256); loss 'infonce' (this run: 'vsepp')\n") in result.output
 
 
 def test_search_text_lists_images_with_scores(cli_workspace):

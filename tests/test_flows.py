@@ -47,6 +47,11 @@ def test_second_run_skips_done_work(pipeline_run):
     assert [s["encoded"] for s in second["extract"]] == [0, 0]
     assert second["train"] is None  # the compatible mapper is reused
     assert second["metrics"]["mapper_id"] == first["metrics"]["mapper_id"]
+    mapper_id = first["mapper"]["mapper_id"]
+    assert first["mapper"] == {"mapper_id": first["train"]["mapper_id"], "reused": False,
+                               "reason": f"trained a new mapper, {mapper_id}: the workspace has none yet"}
+    assert second["mapper"]["reused"] and second["mapper"]["reason"].startswith(
+        f"reused {mapper_id}: trained on the same data (corpus:train, selected on train, features of ")
     assert second["metrics"]["rsum"] == pytest.approx(first["metrics"]["rsum"])
     assert second["embed"]["images_in_table"] == first["embed"]["images_in_table"]
     assert second["embed"]["captions_in_table"] == first["embed"]["captions_in_table"]
@@ -70,6 +75,27 @@ def test_pipeline_publishes_metrics_artifact(pipeline_run):
     _, first, _ = pipeline_run
     artifact = Artifact.get("retrieval-metrics")
     assert artifact is not None and first["metrics"]["mapper_id"] in artifact.data
+
+
+def test_a_run_with_other_training_options_trains_a_new_mapper_and_says_why(pipeline_run, tmp_path):
+    import shutil
+
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import pipeline
+
+    config, first, _ = pipeline_run
+    shutil.copytree(config.workspace, tmp_path / "ws")
+    train = config.train.model_copy(update={"loss": "vsepp", "lr": 0.01})
+    other = pipeline(config.model_copy(update={"workspace": tmp_path / "ws", "train": train}))
+
+    old = first["mapper"]["mapper_id"]
+    assert other["train"] is not None and other["mapper"]["mapper_id"] == other["train"]["mapper_id"] != old
+    assert other["mapper"] == {"mapper_id": other["train"]["mapper_id"], "reused": False, "reason": (
+        f"trained a new mapper, {other['train']['mapper_id']}: the current one, {old}, was trained with "
+        "loss 'infonce' (this run: 'vsepp'); lr 0.003 (this run: 0.01)")}
+    assert [s["encoded"] for s in other["extract"]] == [0, 0]  # the features are reused all the same
+    assert f"Mapper: {other['mapper']['reason']}" in Artifact.get("retrieval-metrics").data
 
 
 def test_an_encoder_of_the_wrong_modality_fails_the_run_before_any_work(prefect_backend, tmp_path):

@@ -15,6 +15,7 @@ from crossalign.align.mapper import JointMapper, check_encoder, load_mapper, loa
 from crossalign.align.metrics import metrics_table, normalised_metrics
 from crossalign.align.querybank import QueryBank, check_method, sample_rows
 from crossalign.align.report import recall_curves, write_report
+from crossalign.align.reuse import RECORD_KEY, training_record
 from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
 from crossalign.config import QueryBankConfig
 from crossalign.workspace import Workspace, write_json_atomic
@@ -46,7 +47,8 @@ def fit_mapper(
     The mapper is selected on raw cosine scores; then its query bank (`querybank.size` vectors of each
     modality of the training split) is saved with it, and the reported metrics are those search gives
     under `querybank.method`, with the raw ones beside them (`<key>_raw`).
-    Writes `mappers/<id>/model.safetensors`, `querybank.parquet`, `config.json` and `metrics.json`.
+    Writes `mappers/<id>/model.safetensors`, `querybank.parquet`, `config.json` (with the training record
+    that `choose_mapper` compares) and `metrics.json`.
     """
     querybank = querybank or QueryBankConfig()
     train = load_paired_features(workspace, corpus, train_split, image_encoder, text_encoder)
@@ -77,6 +79,9 @@ def fit_mapper(
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
         "best_step": result.best_step, "temperature": _temperature(result.model),
         "querybank": {"split": train_split, "seed": querybank.seed, "method": querybank.method},
+        RECORD_KEY: training_record(corpus, {**train_options, "method": method, "train_split": train_split,
+                                             "eval_split": eval_split}, querybank, train.image_encoder,
+                                    train.text_encoder),
     }
     mapper_id = save_mapper(result.model, config, workspace.root / "mappers", bank)
     mapper_dir = workspace.mapper_dir(mapper_id)
@@ -143,13 +148,3 @@ def evaluate_current_mapper(workspace: Workspace, corpus: str, split: str,
     check_encoder(config, "text", data.text_encoder)
     metrics, _, _ = _evaluate(model, data, load_querybank(mapper_dir, config), method)
     return {"mapper_id": config["mapper_id"], "corpus": corpus, "split": split, **metrics}
-
-
-def reusable_mapper(workspace: Workspace, image_encoder: str, text_encoder: str) -> str | None:
-    """The current mapper's id when it was trained on features of these two encoders, else None."""
-    mapper_id = workspace.current_mapper_id()
-    if mapper_id is None or not (workspace.mapper_dir(mapper_id) / "config.json").exists():
-        return None
-    _, config = load_mapper(workspace.mapper_dir(mapper_id))
-    names = (config["image_encoder"]["encoder"], config["text_encoder"]["encoder"])
-    return mapper_id if names == (image_encoder, text_encoder) else None
