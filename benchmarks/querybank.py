@@ -2,7 +2,7 @@
 what computing the normalisers costs at embed time.
 
     python benchmarks/querybank.py [--workspace DIR] [--corpus ../shared/data/flickr8k] [--queries 1000]
-                                   [--rows 1000000] [--bank 10000] [--dim 1024]
+                                   [--rows 1000000] [--bank 10000] [--dim 512]
 
 1. Agreement: the default pipeline's mapper and tables on Flickr8k (train + dev: 6,999 images, 34,991
    captions; the captions table has an IVF_PQ index). For 1,000 dev captions as text queries (the first
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--bank", type=int, default=10_000)
-    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=TrainConfig().dim)
     parser.add_argument("--skip-agreement", action="store_true")
     args = parser.parse_args()
 
