@@ -22,8 +22,10 @@ def check_config(config: PipelineConfig, stages: Collection[str] = STAGES) -> No
     A stage's inputs are checked only when no earlier stage of the same run makes them:
 
     - ingest: the corpus folder exists;
-    - extract: the corpus folder exists and was ingested; each encoder loads here (its weights are on
-      this machine; loads are cached, so the extraction reuses them) and is of its modality;
+    - extract: the corpus folder exists and was ingested; each encoder is of its modality, and, when the
+      shards run in this process (runner "threads"), loads here (its weights are on this machine; loads are
+      cached, so the shards reuse them); shards on Dask workers load them there, so here only the names
+      are resolved (a worker without the weights fails its first shard, which is not retried);
     - train: both encoders' features of the corpus exist;
     - embed: the mapper to embed with (`config.store.mapper_id`, else the current one) exists, and the
       corpus features it needs exist and come from the encoders it was trained on.
@@ -66,11 +68,14 @@ def _check_ingested(workspace: Workspace, corpus: str) -> None:
 
 
 def _check_encoders(config: PipelineConfig) -> None:
-    from crossalign.encoders import load_encoder_for
+    from crossalign.encoders import check_modality, load_encoder_for
 
     e = config.extract
-    load_encoder_for("image", e.image_encoder, e.device, e.precision)
-    load_encoder_for("text", e.text_encoder, e.device, e.precision)
+    for modality, name in (("image", e.image_encoder), ("text", e.text_encoder)):
+        if config.runner.kind == "threads":
+            load_encoder_for(modality, name, e.device, e.precision)
+        else:  # the device named may be the workers', not this machine's: load nothing here
+            check_modality(modality, name)
 
 
 def _check_features(workspace: Workspace, corpus: str, encoders: list[str]) -> None:

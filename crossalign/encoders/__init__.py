@@ -11,6 +11,8 @@ from crossalign.encoders.base import (
 from crossalign.encoders.registry import (
     EncoderModalityError,
     canonical_name,
+    check_modality,
+    encoder_modality,
     encoder_names,
     load_encoder,
     load_encoder_for,
@@ -25,6 +27,8 @@ __all__ = [
     "TextEncoder",
     "WeightsUnavailableError",
     "canonical_name",
+    "check_modality",
+    "encoder_modality",
     "encoder_names",
     "load_encoder",
     "load_encoder_for",

@@ -63,12 +63,7 @@ FLIP = "+flip"
 def register_encoder(name: str, factory: EncoderFactory, cpu_precisions: tuple[str, ...] = ()) -> None:
     """Make `factory(runtime) -> Encoder` loadable as `name` ("auto" on the CPU: see `_Entry`)."""
     _ENTRIES[name] = _Entry(factory, cpu_precisions=cpu_precisions)
-    _load_encoder.cache_clear()
-
-
-def clear_loaded_encoders() -> None:
-    """Forget the encoders loaded so far (the next `load_encoder` loads anew)."""
-    _load_encoder.cache_clear()
+    load_encoder.cache_clear()
 
 
 def encoder_names(modality: str | None = None) -> list[str]:
@@ -104,45 +99,84 @@ def canonical_name(name: str) -> str:
     return f"{family}:{base.strip()}" + ("" if option.strip() in ("", default) else f"{mark}{option.strip()}")
 
 
-def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> Encoder:
-    """Load (once per process) the encoder called `name` (any spelling of it: see `canonical_name`).
+def encoder_modality(name: str) -> str | None:
+    """The modality of encoder `name` ("image" or "text"), known from its name alone: nothing is loaded.
+
+    None for an encoder registered by a test or plugin (`register_encoder`): only loading it tells.
 
     Raises:
-        ValueError: `name` is not registered and names no known family (the message lists what is).
-        WeightsUnavailableError: the weights are not on this machine (nothing is downloaded).
+        ValueError: `name` is not registered and names no known family (as `load_encoder`).
+        EncoderModalityError: a composite of both modalities, or `+flip` on a text encoder.
     """
-    return _load_encoder(canonical_name(name), device, precision)
+    name = canonical_name(name)
+    parts = composite_parts(name)
+    if len(parts) > 1:
+        kinds = {encoder_modality(part) for part in parts}
+        if len(kinds - {None}) > 1:
+            raise EncoderModalityError(f"{name}: only encoders of one modality can be combined (all image or all text)")
+        return None if None in kinds else kinds.pop()
+    if name.endswith(FLIP):
+        if encoder_modality(name.removesuffix(FLIP)) == "text":
+            raise EncoderModalityError(f"{name}: {FLIP} applies to image encoders only")
+        return "image"
+    family, _, spec = name.partition(":")
+    if name in _ENTRIES:
+        return _ENTRIES[name].modality
+    if spec and family in _FAMILIES:
+        return _FAMILY_MODALITY[family]
+    raise ValueError(f"unknown encoder {name!r}; available: {', '.join(encoder_names())}")
+
+
+def check_modality(modality: str, name: str, actual: str | None = None) -> None:
+    """Refuse encoder `name` for features of `modality` when it is of the other one (`actual` if known, else
+    as its name says: `encoder_modality`; an encoder whose name does not tell passes).
+
+    Raises:
+        EncoderModalityError: the other modality (the message lists this one's encoders).
+        ValueError: an unknown modality or encoder name.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}: use one of {', '.join(MODALITIES)}")
+    actual = actual or encoder_modality(name)
+    if actual not in (None, modality):
+        raise EncoderModalityError(
+            f"{name!r} is {'an' if actual == 'image' else 'a'} {actual} encoder, not "
+            f"{'an' if modality == 'image' else 'a'} {modality} encoder: use one of "
+            f"{', '.join(encoder_names(modality))}")
 
 
 def load_encoder_for(modality: str, name: str, device: str = "auto", precision: str = "auto") -> Encoder:
-    """`load_encoder`, for features of `modality` ("image" or "text").
+    """`load_encoder`, for features of `modality` ("image" or "text"); the name is checked before loading.
 
     Raises:
         EncoderModalityError: `name` is an encoder of the other modality (the message lists this one's).
         ValueError, WeightsUnavailableError: as `load_encoder`.
     """
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}: use one of {', '.join(MODALITIES)}")
+    check_modality(modality, name)
     encoder = load_encoder(name, device, precision)
-    if encoder.modality != modality:
-        raise EncoderModalityError(
-            f"{name!r} is {'an' if encoder.modality == 'image' else 'a'} {encoder.modality} encoder, not "
-            f"{'an' if modality == 'image' else 'a'} {modality} encoder: use one of "
-            f"{', '.join(encoder_names(modality))}")
+    check_modality(modality, name, encoder.modality)  # a registered encoder's name does not tell
     return encoder
 
 
 @functools.lru_cache(maxsize=8)
-def _load_encoder(name: str, device: str, precision: str) -> Encoder:
+def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> Encoder:
+    """Load (once per process) the encoder called `name`; any spelling of it (`canonical_name`) gives the same one.
+
+    Raises:
+        ValueError: `name` is not registered and names no known family (the message lists what is).
+        WeightsUnavailableError: the weights are not on this machine (nothing is downloaded).
+    """
+    if canonical_name(name) != name:
+        return load_encoder(canonical_name(name), device, precision)
     if SEPARATOR in name:  # several encoders of one modality side by side
-        parts = [_load_encoder(part, device, precision) for part in composite_parts(name)]
+        parts = [load_encoder(part, device, precision) for part in composite_parts(name)]
         if all(isinstance(part, ImageEncoder) for part in parts):
             return CompositeImageEncoder(parts)
         if all(isinstance(part, TextEncoder) for part in parts):
             return CompositeTextEncoder(parts)
         raise EncoderModalityError(f"{name}: only encoders of one modality can be combined (all image or all text)")
     if name.endswith(FLIP):  # any image encoder, averaged over the image and its mirror image
-        inner = _load_encoder(name.removesuffix(FLIP), device, precision)
+        inner = load_encoder(name.removesuffix(FLIP), device, precision)
         if not isinstance(inner, ImageEncoder):
             raise EncoderModalityError(f"{name}: {FLIP} applies to image encoders only")
         return FlipAveraged(inner)
