@@ -213,14 +213,14 @@ def evaluate(
 
     The metrics are those search gives (`--normalise`); the raw cosine ones follow with a `_raw` suffix.
     """
-    from crossalign.align import evaluate_current_mapper, load_mapper, metrics_table
+    from crossalign.align import current_mapper, evaluate_current_mapper, metrics_table
     from crossalign.corpus import ingest_corpus
     from crossalign.extract import extract_image_features, extract_text_features
     from crossalign.workspace import Workspace
 
     _log_to_stderr()
     ws = Workspace(workspace)
-    _, mapper = load_mapper(ws.require_current_mapper())
+    mapper = current_mapper(ws).config()
     corpus_config = CorpusConfig(root=corpus, format=fmt)
     ingest_corpus(corpus_config.root, ws, corpus_config.corpus_name, fmt=corpus_config.format)
     extract_image_features(ws, corpus_config.corpus_name, mapper["image_encoder"]["encoder"], split=split)

@@ -25,7 +25,7 @@ class Workspace:
 
         corpora/<corpus>/{images,captions,rejects}.parquet
         features/<corpus>/<encoder_id>/part-*.parquet + _manifest.json
-        mappers/<mapper_id>/{model.safetensors,config.json,metrics.json}
+        mappers/<mapper_id>/...           one directory per mapper (crossalign.align.mapper_dir)
         mappers/CURRENT                   id of the mapper the tables were built with
         lancedb/                          the LanceDB database
         .locks/                           lock files of work that two runs must not do at once
@@ -52,36 +52,28 @@ class Workspace:
         # Encoder names may hold ':', '@', '#' and '/' (torchvision:resnet50@random, hf:/models/bert#cls).
         return self.root / "features" / corpus / re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_name).strip("_")
 
-    def mapper_dir(self, mapper_id: str) -> Path:
-        return self.root / "mappers" / mapper_id
-
     @property
     def lancedb_uri(self) -> Path:
         return self.root / "lancedb"
 
-    @property
-    def _current_mapper_file(self) -> Path:
-        return self.root / "mappers" / "CURRENT"
+    # A mapper's layout, `mappers/` included, is `crossalign.align.mapper_dir`'s; these delegate to it.
+    def mapper_dir(self, mapper_id: str) -> Path:
+        """Directory of mapper `mapper_id` (`MapperDir.of`)."""
+        from crossalign.align.mapper_dir import MapperDir
+
+        return MapperDir.of(self, mapper_id).path
 
     def current_mapper_id(self) -> str | None:
         """The id of the workspace's current mapper, or None when none was trained yet."""
-        try:
-            return self._current_mapper_file.read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        from crossalign.align.mapper_dir import current_mapper_id
+
+        return current_mapper_id(self)
 
     def require_current_mapper(self) -> Path:
         """Directory of the current mapper; raises WorkspaceError when there is none."""
-        mapper_id = self.current_mapper_id()
-        if mapper_id is None:
-            raise WorkspaceError(
-                f"workspace {self.root} has no trained mapper yet: run `crossalign run --corpus DIR "
-                f"--workspace {self.root}` first"
-            )
-        return self.mapper_dir(mapper_id)
+        from crossalign.align.mapper_dir import current_mapper
 
-    def set_current_mapper(self, mapper_id: str) -> None:
-        write_text_atomic(self._current_mapper_file, mapper_id + "\n")
+        return current_mapper(self).path
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from crossalign.align import MapperChoice, choose_mapper, evaluate_current_mapper, fit_mapper, metrics_table
+from crossalign.align.mapper_dir import MapperDir
 from crossalign.align.report import SavedReport, plot_training_curve, png_data_url, read_report
 from crossalign.config import PipelineConfig
 from crossalign.corpus import first_captions, ingest_corpus
@@ -195,7 +196,7 @@ def publish_metrics(config: PipelineConfig, metrics: dict[str, Any], mapper_id: 
     """The metrics table on the eval split and the mapper's recall@K plot (inline PNG), in one artifact; `note`
     (which mapper the run used, and why) above them."""
     split = config.train.eval_split
-    report = read_report(_workspace(config).mapper_dir(mapper_id))
+    report = read_report(MapperDir.of(_workspace(config), mapper_id))
     create_markdown_artifact(key="retrieval-metrics", description=f"Retrieval metrics on {split} and recall@K plot",
                              markdown=f"### Retrieval on `{split}` (mapper `{mapper_id}`)\n\n"
                                       + (f"Mapper: {_cell(note, 2000)}\n\n" if note else "")
@@ -204,7 +205,7 @@ def publish_metrics(config: PipelineConfig, metrics: dict[str, Any], mapper_id: 
 
 @task(name="publish-training-curve")
 def publish_training_curve(config: PipelineConfig, mapper_id: str) -> None:
-    report = read_report(_workspace(config).mapper_dir(mapper_id))
+    report = read_report(MapperDir.of(_workspace(config), mapper_id))
     create_markdown_artifact(key="training-curve", description=f"Training curve of mapper {mapper_id}",
                              markdown=_training_curve_markdown(report))
 

@@ -25,7 +25,8 @@ from crossalign.align import (
 from crossalign.align.cca import fit_cca
 from crossalign.align.data import PairedFeatures, load_paired_features
 from crossalign.align.loss import ClipLoss, MarginLoss, VSEppLoss, make_loss, negatives_mask
-from crossalign.align.mapper import check_encoder, load_querybank
+from crossalign.align.mapper import check_encoder
+from crossalign.align.mapper_dir import list_mappers, load_querybank
 from crossalign.align.train import OneCaptionPerImageSampler, evaluate_mapper, train_mapper
 from crossalign.align.zeroshot import class_embeddings, zero_shot_accuracy
 from crossalign.corpus import read_captions, read_images
@@ -420,6 +421,7 @@ def test_fit_mapper_twice_gives_the_same_mapper(features_copy: tuple[Workspace, 
 
     assert first.mapper_id == second.mapper_id != other.mapper_id
     assert workspace.current_mapper_id() == other.mapper_id
+    assert list_mappers(workspace) == sorted([first.mapper_id, other.mapper_id])
 
 
 def test_evaluating_without_a_mapper_raises(features_copy: tuple[Workspace, str]) -> None:

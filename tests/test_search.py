@@ -360,7 +360,7 @@ def test_tables_naming_other_encoders_than_their_mapper_are_refused(built: tuple
 @pytest.mark.parametrize("method", ["inverted_softmax", "dynamic"])
 def test_normalised_search_equals_exhaustive_scoring_of_the_table(built: tuple[Path, Workspace, str],
                                                                    method: str) -> None:
-    from crossalign.align.mapper import load_querybank
+    from crossalign.align.mapper_dir import load_querybank
     from crossalign.align.querybank import GalleryNorm, bank_top, hub_flags
 
     workspace = built[1]

@@ -15,7 +15,7 @@ import torch
 from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_picture, write_records, write_tiny_corpus
 
 from crossalign.align import MapperMismatchError, fit_mapper, load_mapper
-from crossalign.align.mapper import load_querybank
+from crossalign.align.mapper_dir import load_querybank
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract import FeatureManifest, read_features
 from crossalign.store import (

@@ -11,14 +11,15 @@ import torch
 
 from crossalign.align.cca import fit_cca
 from crossalign.align.data import PairedFeatures, load_paired_features
-from crossalign.align.mapper import JointMapper, check_encoder, load_mapper, load_querybank, save_mapper
+from crossalign.align.mapper import JointMapper, check_encoder
+from crossalign.align.mapper_dir import MapperDir, current_mapper, mappers_root, save_mapper, set_current_mapper
 from crossalign.align.metrics import metrics_table, normalised_metrics
 from crossalign.align.querybank import QueryBank, check_method, sample_rows
 from crossalign.align.report import recall_curves, write_report
 from crossalign.align.reuse import RECORD_KEY, training_record
 from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
 from crossalign.config import QueryBankConfig
-from crossalign.workspace import Workspace, write_json_atomic
+from crossalign.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def fit_mapper(
     The mapper is selected on raw cosine scores; then its query bank (`querybank.size` vectors of each
     modality of the training split) is saved with it, and the reported metrics are those search gives
     under `querybank.method`, with the raw ones beside them (`<key>_raw`).
-    Writes `mappers/<id>/model.safetensors`, `querybank.parquet`, `config.json` (with the training record
-    that `choose_mapper` compares) and `metrics.json`.
+    Writes the mapper's directory (`MapperDir`): weights, query bank, config (with the training record
+    that `choose_mapper` compares), metrics and report.
     """
     querybank = querybank or QueryBankConfig()
     train = load_paired_features(workspace, corpus, train_split, image_encoder, text_encoder)
@@ -83,16 +84,15 @@ def fit_mapper(
                                              "eval_split": eval_split}, querybank, train.image_encoder,
                                     train.text_encoder),
     }
-    mapper_id = save_mapper(result.model, config, workspace.root / "mappers", bank)
-    mapper_dir = workspace.mapper_dir(mapper_id)
-    write_json_atomic(mapper_dir / "metrics.json", {"split": eval_split, "corpus": corpus, **metrics,
-                                                    "history": result.history})
+    mapper_id = save_mapper(result.model, config, mappers_root(workspace), bank)
+    mapper_dir = MapperDir.of(workspace, mapper_id)
+    mapper_dir.write_metrics({"split": eval_split, "corpus": corpus, **metrics, "history": result.history})
     write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", metrics,
                  recall_curves(image_emb, text_emb, dev.caption_image, bank, querybank.method, dev.image_ids))
-    workspace.set_current_mapper(mapper_id)
+    set_current_mapper(workspace, mapper_id)
     logger.info("mapper %s saved (query bank and dev metrics in %.1fs); %s", mapper_id, bank_seconds,
                 metrics_table(metrics).replace("\n", " "))
-    return FitSummary(mapper_id, str(mapper_dir), result.best_step, result.seconds, metrics, result.history)
+    return FitSummary(mapper_id, str(mapper_dir.path), result.best_step, result.seconds, metrics, result.history)
 
 
 def _temperature(model: JointMapper) -> float | list[float]:
@@ -140,11 +140,11 @@ def evaluate_current_mapper(workspace: Workspace, corpus: str, split: str,
         MapperMismatchError: the corpus features come from other encoders than the mapper's.
     """
     method = check_method(method or QueryBankConfig().method)
-    mapper_dir = workspace.require_current_mapper()
-    model, config = load_mapper(mapper_dir)
+    mapper_dir = current_mapper(workspace)
+    model, config = mapper_dir.load()
     data = load_paired_features(workspace, corpus, split, config["image_encoder"]["encoder"],
                                 config["text_encoder"]["encoder"])
     check_encoder(config, "image", data.image_encoder)
     check_encoder(config, "text", data.text_encoder)
-    metrics, _, _ = _evaluate(model, data, load_querybank(mapper_dir, config), method)
+    metrics, _, _ = _evaluate(model, data, mapper_dir.querybank(config), method)
     return {"mapper_id": config["mapper_id"], "corpus": corpus, "split": split, **metrics}

@@ -1,4 +1,4 @@
-"""A report per trained mapper: the metrics table (Markdown) and a recall@K plot (PNG), beside metrics.json.
+"""A report per trained mapper: the metrics table (Markdown) and a recall@K plot (PNG), beside its metrics.
 
 Also the readers that turn a saved report into pictures a person can look at (PNG bytes, `data:` URLs);
 the library never knows where they are shown.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from crossalign.align.mapper_dir import MapperDir
 from crossalign.align.metrics import metrics_table, retrieval_ranks
 from crossalign.align.querybank import QueryBank
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MAX_K = 50
-RECALL_PLOT = "recall_at_k.png"
 # 600 x 400 pixels: a line plot of a few tens of KB, small enough to inline as a data: URL.
 PLOT_SIZE_INCHES = (6, 4)
 PLOT_DPI = 100
@@ -53,9 +52,8 @@ def _figure() -> Figure:
     return Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI)
 
 
-def write_report(directory: Path, title: str, metrics: dict[str, float], curves: dict[str, list[float]]) -> dict:
-    """Write `report.md` and `recall_at_k.png` into `directory`; returns their paths."""
-    directory = Path(directory)
+def write_report(directory: MapperDir, title: str, metrics: dict[str, float], curves: dict[str, list[float]]) -> dict:
+    """Write the mapper's report (Markdown) and recall@K plot (PNG) into its directory; returns their paths."""
     figure = _figure()
     axes = figure.subplots()
     for name, recalls in curves.items():
@@ -65,9 +63,9 @@ def write_report(directory: Path, title: str, metrics: dict[str, float], curves:
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    plot = directory / RECALL_PLOT
+    plot = directory.recall_plot_path
     figure.savefig(plot, format="png")
-    report = directory / "report.md"
+    report = directory.report_path
     report.write_text(f"## {title}\n\n{metrics_table(metrics)}\n\n![recall@K]({plot.name})\n")
     return {"report": str(report), "plot": str(plot)}
 
@@ -127,14 +125,13 @@ class SavedReport:
         return f"{self.mapper_id} on {self.corpus}:{self.split}"
 
 
-def read_report(mapper_dir: Path) -> SavedReport:
-    """Read the report saved in `mapper_dir` (its `metrics.json` and, when present, `recall_at_k.png`).
+def read_report(mapper_dir: MapperDir) -> SavedReport:
+    """Read the report saved in `mapper_dir` (its metrics and, when present, its recall@K plot).
 
     Raises:
-        FileNotFoundError: `mapper_dir` holds no `metrics.json`, i.e. no trained mapper.
+        FileNotFoundError: `mapper_dir` holds no metrics, i.e. no trained mapper.
     """
-    mapper_dir = Path(mapper_dir)
-    saved = json.loads((mapper_dir / "metrics.json").read_text())
-    plot = mapper_dir / RECALL_PLOT
-    return SavedReport(mapper_id=mapper_dir.name, corpus=saved.get("corpus", ""), split=saved.get("split", ""),
+    saved = mapper_dir.metrics()
+    plot = mapper_dir.recall_plot_path
+    return SavedReport(mapper_id=mapper_dir.id, corpus=saved.get("corpus", ""), split=saved.get("split", ""),
                        history=saved.get("history", []), recall_plot=plot if plot.exists() else None)

@@ -16,11 +16,12 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from crossalign.align.mapper_dir import MapperDir, current_mapper_id
 from crossalign.config import QueryBankConfig, TrainConfig
 from crossalign.extract.features import FeatureSet
 from crossalign.workspace import Workspace
 
-RECORD_KEY = "training"  # where `fit_mapper` saves the record in the mapper's config.json
+RECORD_KEY = "training"  # where `fit_mapper` saves the record in the mapper's config
 FEATURE_IDENTITY = ("encoder", "dim", "weights_digest", "preprocessing", "parts")  # parts: of a composite
 SPLITS = ("train_split", "eval_split")
 
@@ -60,7 +61,7 @@ def training_record(corpus: str, options: dict[str, Any], querybank: QueryBankCo
         "image_features": {k: image_features.get(k) for k in FEATURE_IDENTITY},
         "text_features": {k: text_features.get(k) for k in FEATURE_IDENTITY},
     }
-    return json.loads(json.dumps(record))  # as config.json holds it (tuples as lists), to compare equal
+    return json.loads(json.dumps(record))  # as the saved config holds it (tuples as lists), to compare equal
 
 
 def choose_mapper(workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, train: TrainConfig,
@@ -79,12 +80,12 @@ def choose_mapper(workspace: Workspace, corpus: str, image_encoder: str, text_en
 
 def _choose(workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, train: TrainConfig,
             querybank: QueryBankConfig, retrain: bool) -> MapperChoice:
-    current = workspace.current_mapper_id()
+    current = current_mapper_id(workspace)
     if retrain:
         return MapperChoice(None, False, "retrain was asked", current)
-    if current is None or not (workspace.mapper_dir(current) / "config.json").exists():
+    if current is None or not MapperDir.of(workspace, current).exists():
         return MapperChoice(None, False, "the workspace has none yet")
-    saved = json.loads((workspace.mapper_dir(current) / "config.json").read_text()).get(RECORD_KEY)
+    saved = MapperDir.of(workspace, current).config().get(RECORD_KEY)
     if saved is None:
         return MapperChoice(None, False, f"the current one, {current}, was saved without its training "
                                          "configuration (by an older crossalign)", current)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from crossalign.align.mapper import check_encoder, load_mapper, load_querybank
+from crossalign.align.mapper import check_encoder
+from crossalign.align.mapper_dir import MapperDir
 from crossalign.align.querybank import check_method
 from crossalign.config import QueryBankConfig
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
@@ -87,12 +88,12 @@ class Searcher:
             raise StoreMismatchError(
                 "the images and captions tables were built by different mappers: run `crossalign embed` again"
             )
-        mapper_dir = self.workspace.mapper_dir(self.metadata["mapper_id"])
-        if not (mapper_dir / "config.json").exists():
+        mapper_dir = MapperDir.of(self.workspace, self.metadata["mapper_id"])
+        if not mapper_dir.exists():
             raise WorkspaceError(
-                f"the tables were built by mapper {self.metadata['mapper_id']}, which is not in {mapper_dir.parent}"
+                f"the tables were built by mapper {mapper_dir.id}, which is not in {mapper_dir.path.parent}"
             )
-        self.mapper, self.mapper_config = load_mapper(mapper_dir)
+        self.mapper, self.mapper_config = mapper_dir.load()
         for modality in ("image", "text"):
             if self.mapper_config[f"{modality}_encoder"] != self.metadata[f"{modality}_encoder"]:
                 raise StoreMismatchError(
@@ -106,18 +107,18 @@ class Searcher:
         self.normalisation, self.notice = self._normalisation(requested, mapper_dir)
         self._rankers = {}
         if self.normalisation != "none":
-            bank = load_querybank(mapper_dir, self.mapper_config)
+            bank = mapper_dir.querybank(self.mapper_config)
             self._rankers = {name: NormalisedRanker(table, self.normalisation,
                                                     bank.queries_for("image" if name == IMAGES_TABLE else "text")[0])
                              for name, table in self._tables.items()}
         self._device, self._precision = device, precision
         self._encoders: dict[str, ImageEncoder | TextEncoder] = {}
 
-    def _normalisation(self, requested: str, mapper_dir: Path) -> tuple[str, str | None]:
+    def _normalisation(self, requested: str, mapper_dir: MapperDir) -> tuple[str, str | None]:
         """The normalisation searches use, and a one-line notice when it is not the one requested."""
         if requested == "none":
             return "none", None
-        if load_querybank(mapper_dir, self.mapper_config) is None:
+        if mapper_dir.querybank(self.mapper_config) is None:
             return "none", (f"mapper {self.metadata['mapper_id']} has no query bank (trained before banks were "
                             "saved): scores are raw cosine; train a new mapper to normalise them")
         if not all(NORMALISER_COLUMN in table.schema.names for table in self._tables.values()):

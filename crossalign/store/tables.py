@@ -24,7 +24,8 @@ import pyarrow as pa
 import torch
 from lancedb.index import FTS
 
-from crossalign.align.mapper import JointMapper, check_encoder, load_mapper, load_querybank
+from crossalign.align.mapper import JointMapper, check_encoder
+from crossalign.align.mapper_dir import MapperDir, current_mapper
 from crossalign.align.querybank import QueryBank
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract.features import FeatureSet
@@ -127,11 +128,11 @@ def embed_corpus(
 
 
 def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metric: str) -> EmbedSummary:
-    mapper_dir = workspace.mapper_dir(mapper_id) if mapper_id else workspace.require_current_mapper()
-    if not (mapper_dir / "config.json").exists():
-        raise WorkspaceError(f"no mapper {mapper_id} in {mapper_dir.parent}")
-    model, config = load_mapper(mapper_dir)
-    mapper = _Mapper(model, load_querybank(mapper_dir, config))
+    mapper_dir = MapperDir.of(workspace, mapper_id) if mapper_id else current_mapper(workspace)
+    if not mapper_dir.exists():
+        raise WorkspaceError(f"no mapper {mapper_id} in {mapper_dir.path.parent}")
+    model, config = mapper_dir.load()
+    mapper = _Mapper(model, mapper_dir.querybank(config))
     metadata = {
         "mapper_id": config["mapper_id"], "dim": config["dim"], "metric": metric,
         "image_encoder": config["image_encoder"], "text_encoder": config["text_encoder"],
