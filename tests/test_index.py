@@ -7,7 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from crossalign.store.index import ClusteredUnitVectors, IndexPlan, apply_plan, ensure_index, plan_index
+from crossalign.store.index import (
+    ClusteredUnitVectors,
+    IndexPlan,
+    apply_plan,
+    ensure_index,
+    plan_index,
+    recorded_plan,
+    search_plan,
+)
 
 DIM = 64
 ROWS = 20_000
@@ -130,6 +138,24 @@ def test_new_rows_are_folded_in_and_a_fourfold_growth_rebuilds(tmp_path, corpus)
     assert grown.planned_rows == 20_000 and grown.num_partitions > first.num_partitions
     assert [i.name for i in table.list_indices()] == [grown.index_name]
     assert table.index_stats(grown.index_name).num_indexed_rows == 20_000
+
+
+def test_a_grown_table_is_searched_by_the_plan_its_index_was_built_by(tmp_path, corpus) -> None:
+    vectors = corpus[0]
+    table = _write(lancedb.connect(str(tmp_path)), "vectors", vectors[:4_000])
+    # never indexed: no recorded plan, so search plans from today's rows, as it always did
+    assert recorded_plan(table) is None and search_plan(table, "cosine") == plan_index(4_000, DIM)
+    built = ensure_index(table, "cosine", exact_max_rows=1_000)
+    assert recorded_plan(table) == built and built.index_type == "IVF_PQ"
+
+    table.add(_rows(vectors[4_000:12_000], start=4_000))  # threefold: the index is kept, and its plan
+    assert search_plan(table, "cosine") == built
+    assert ensure_index(table, "cosine", exact_max_rows=1_000) == built
+    today = plan_index(table.count_rows(), DIM, exact_max_rows=1_000)
+    assert (built.num_partitions, built.nprobes) == (1, 1) != (today.num_partitions, today.nprobes) == (3, 3)
+    assert search_plan(table, "cosine") == built and recorded_plan(table) == built
+    # indexed for another metric than the one asked: planned from today's rows
+    assert search_plan(table, "l2") == plan_index(12_000, DIM, "l2")
 
 
 def test_hnsw_plan_reaches_recall_with_l2(tmp_path, corpus) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture, ingest_and_extract, write_tiny_corpus
@@ -14,7 +16,8 @@ from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture,
 from crossalign.align import fit_mapper
 from crossalign.corpus import read_captions, read_images
 from crossalign.search import QueryError, Searcher, search_text
-from crossalign.store import IMAGES_TABLE, StoreMismatchError, connect, embed_corpus, table_metadata
+from crossalign.store import IMAGES_TABLE, StoreMismatchError, connect, embed_corpus, table_metadata, upsert_rows
+from crossalign.store.index import ensure_index, plan_index
 from crossalign.store.schema import NORMALISER_COLUMN
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -340,6 +343,36 @@ def test_an_older_mapper_is_searched_at_its_own_version(built: tuple[Path, Works
     assert old.text_to_image("a picture of a red circle", limit=1)[0].uri.endswith("pic000.jpg")
     with pytest.raises(StoreMismatchError, match="holds no vectors of mapper mapper-nope"):
         Searcher(copy, mapper_id="mapper-nope", **ENCODER_RUNTIME)
+
+
+def test_a_table_that_grew_since_its_index_was_built_is_searched_by_the_built_plan(
+        built: tuple[Path, Workspace, str], tmp_path: Path) -> None:
+    _, workspace, corpus = built
+    shutil.copytree(workspace.root, tmp_path / "ws")
+    copy = Workspace(tmp_path / "ws")
+    table = connect(copy).open_table(IMAGES_TABLE)
+    upsert_rows(table, _unrelated_rows(table, 1_500, 0))
+    plan = ensure_index(table, "cosine", exact_max_rows=1_000)  # what `embed_corpus` does, at a smaller size
+    upsert_rows(table, _unrelated_rows(table, 1_500, 1))  # grown by less than fourfold since
+
+    searcher = Searcher(copy, **ENCODER_RUNTIME)
+
+    assert plan.index_type == "IVF_PQ" and plan.planned_rows == 1_512 and table.count_rows() == 3_012
+    assert searcher.index_plans[IMAGES_TABLE] == plan  # not today's plan (exact, for 3,012 rows)
+    assert plan_index(3_012, TRAIN_OPTIONS["dim"]).index_type is None
+    assert searcher.text_to_image("a picture of a red circle", limit=1, corpus=corpus)[0].uri.endswith("pic000.jpg")
+
+
+def _unrelated_rows(table: Any, n: int, seed: int) -> pa.Table:
+    """`n` rows of random unit vectors in corpus `unrelated`, written by the table's mapper."""
+    vectors = np.random.default_rng(seed).standard_normal((n, table.schema.field("vector").type.list_size))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"unrelated-{seed}-{i}" for i in range(n)]
+    return pa.table({
+        "id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+        "mapper_id": [table_metadata(table.schema)["mapper_id"]] * n, NORMALISER_COLUMN: [1.0] * n,
+        "uri": ids, "split": ["train"] * n, "corpus": ["unrelated"] * n,
+    }, schema=table.schema)
 
 
 def test_tables_naming_other_encoders_than_their_mapper_are_refused(built: tuple[Path, Workspace, str],

@@ -19,7 +19,7 @@ from crossalign.config import QueryBankConfig
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
 from crossalign.search.rerank import NormalisedRanker
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
-from crossalign.store.index import apply_plan, plan_index
+from crossalign.store.index import apply_plan, search_plan
 from crossalign.store.schema import NORMALISER_COLUMN
 from crossalign.store.tables import quote
 from crossalign.workspace import Workspace, WorkspaceError
@@ -68,7 +68,8 @@ class Searcher:
     `normalisation` scores cross-modal searches (text -> image, image -> text) against the mapper's
     query bank: "inverted_softmax" (the default), "dynamic" or "none" (raw cosine). Tables built before
     normalisers were stored, or by a mapper without a bank, search raw; `notice` then says so in one line.
-    Same-modality searches (image -> image, text -> text) are always raw cosine.
+    Same-modality searches (image -> image, text -> text) are always raw cosine. Each table is searched by
+    the plan its vector index was built by (`index_plans`, read from the table), however much it grew since.
 
     Raises:
         WorkspaceError: no tables, or the mapper that built them is gone from the workspace.
@@ -102,8 +103,8 @@ class Searcher:
                     f"{self.metadata[f'{modality}_encoder']['encoder']}"
                 )
         self.metric = self.metadata.get("metric", "cosine")
-        self._plans = {name: plan_index(table.count_rows(), self.metadata["dim"], self.metric)  # once, not per query
-                       for name, table in self._tables.items()}
+        # the plans the tables' indexes were built by, read once, not per query
+        self.index_plans = {name: search_plan(table, self.metric) for name, table in self._tables.items()}
         self.normalisation, self.notice = self._normalisation(requested, mapper_dir)
         self._rankers = {}
         if self.normalisation != "none":
@@ -209,7 +210,7 @@ class Searcher:
                                      f"the query vector has {vector.shape[0]}")
 
         def candidates(depth: int, extra: list[str]) -> list[dict[str, Any]]:
-            query = apply_plan(_filtered(self._tables[table].search(vector), split, corpus), self._plans[table])
+            query = apply_plan(_filtered(self._tables[table].search(vector), split, corpus), self.index_plans[table])
             rows = query.select([*COLUMNS[table], *extra, "_distance"]).limit(depth).to_list()
             for row in rows:
                 row["cosine"] = _similarity(row.pop("_distance"), self.metric)

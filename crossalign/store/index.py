@@ -28,6 +28,7 @@ Plan rules (measured at 30k, 200k and 1M rows; beyond that they are extrapolated
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -51,6 +52,8 @@ REBUILD_GROWTH = 4
 # tagged ones: a century keeps every mapper's tagged version until `crossalign tables cleanup`.
 KEEP_VERSIONS = timedelta(days=36_500)
 _INDEX_NAME = re.compile(rf"{VECTOR_COLUMN}_[a-z_]+_(?P<rows>\d+)rows")
+# Metadata of the vector field: the plan (JSON) `ensure_index` indexed the table by, which search reads back.
+PLAN_KEY = "crossalign:index_plan"
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
 def ensure_index(
     table: Any, metric: str = "cosine", exact_max_rows: int = EXACT_SEARCH_MAX_ROWS, index_type: str = INDEX_TYPES[0],
 ) -> IndexPlan:
-    """Give `table`'s vector column the index `plan_index` asks for; return the plan to query it with.
+    """Give `table`'s vector column the index `plan_index` asks for; return the plan to query it with, which is
+    also recorded in the table (`recorded_plan`) for search to read.
 
     Below `exact_max_rows` rows nothing is created. A vector index built by an earlier call is kept when it
     has the planned type and metric and was planned for at least 1/`REBUILD_GROWTH` of today's rows, and the
@@ -137,6 +141,7 @@ def ensure_index(
     dim = table.schema.field(VECTOR_COLUMN).type.list_size
     plan = plan_index(n_rows, dim, metric, exact_max_rows, index_type)
     if plan.index_type is None:
+        _record(table, plan)
         return plan
     existing = _existing_plans(table, dim, metric, exact_max_rows, index_type)
     kept = next((name for name, built in existing.items()
@@ -146,8 +151,10 @@ def ensure_index(
         table.drop_index(name)
     table.optimize(cleanup_older_than=KEEP_VERSIONS)
     if kept is not None:
-        return existing[kept]
-    _build(table, plan)
+        plan = existing[kept]
+    else:
+        _build(table, plan)
+    _record(table, plan)
     return plan
 
 
@@ -177,6 +184,29 @@ def _build(table: Any, plan: IndexPlan) -> None:
     logger.info("building vector index %s: %s", plan.index_name, plan.describe())
     table.create_index(VECTOR_COLUMN, config=config, name=plan.index_name, replace=True)
     table.wait_for_index([plan.index_name])
+
+
+def _record(table: Any, plan: IndexPlan) -> None:
+    if recorded_plan(table) != plan:  # no new table version when nothing changed
+        table.update_field_metadata({"path": VECTOR_COLUMN,
+                                     "metadata": {PLAN_KEY: json.dumps(plan.describe(), sort_keys=True)}})
+
+
+def recorded_plan(table: Any) -> IndexPlan | None:
+    """The plan `ensure_index` last indexed `table` by, or None for a table it never indexed (or indexed before
+    plans were recorded)."""
+    raw = (table.schema.field(VECTOR_COLUMN).metadata or {}).get(PLAN_KEY.encode())
+    return IndexPlan(**json.loads(raw)) if raw else None
+
+
+def search_plan(table: Any, metric: str) -> IndexPlan:
+    """The plan to search `table` by under `metric`: the one its index was built by (`recorded_plan`), even when
+    the table has grown since; for a table without one, or indexed for another metric, `plan_index` of its rows.
+    """
+    recorded = recorded_plan(table)
+    if recorded is not None and recorded.metric == metric:
+        return recorded
+    return plan_index(table.count_rows(), table.schema.field(VECTOR_COLUMN).type.list_size, metric)
 
 
 def apply_plan(query: Any, plan: IndexPlan) -> Any:
