@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,18 @@ from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture,
 from crossalign.align import fit_mapper
 from crossalign.corpus import read_captions, read_images
 from crossalign.search import QueryError, Searcher, search_text
-from crossalign.store import IMAGES_TABLE, StoreMismatchError, connect, embed_corpus, table_metadata, upsert_rows
+from crossalign.search.search import SearchHit
+from crossalign.store import (
+    CAPTIONS_TABLE,
+    IMAGES_TABLE,
+    StoreMismatchError,
+    connect,
+    embed_corpus,
+    table_metadata,
+    upsert_rows,
+)
 from crossalign.store.index import ensure_index, plan_index
-from crossalign.store.schema import NORMALISER_COLUMN
+from crossalign.store.schema import NORMALISER_COLUMN, item_columns
 from crossalign.workspace import Workspace, WorkspaceError
 
 # Enough steps to memorise the 8 training pictures. Selection runs on the training split too, so the
@@ -119,6 +129,15 @@ def test_raw_search_ranks_by_cosine_similarity(built: tuple[Path, Workspace, str
     table = connect(built[1]).open_table(IMAGES_TABLE)
     vectors = {r["id"]: np.array(r["vector"]) for r in table.to_arrow().to_pylist()}
     assert scores == pytest.approx([float(vectors[h.id] @ query) for h in hits], abs=1e-4)
+
+
+def test_hits_show_the_item_columns_of_the_table_schemas(searcher: Searcher) -> None:
+    # the columns a hit shows are derived from store/schema.py, and each has a SearchHit field to land in
+    assert item_columns(IMAGES_TABLE) == ["id", "uri", "split", "corpus"]
+    assert item_columns(CAPTIONS_TABLE) == ["id", "text", "image_id", "split", "corpus"]
+    hit = searcher.text_to_text("a red circle", limit=1)[0]
+    assert {"id", "text", "image_id", "split", "corpus"} <= set(hit.to_dict())
+    assert set(item_columns(IMAGES_TABLE)) | set(item_columns(CAPTIONS_TABLE)) <= {f.name for f in fields(SearchHit)}
 
 
 def test_limit_caps_the_number_of_hits(searcher: Searcher) -> None:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from crossalign.align.querybank import bank_top, check_method
-from crossalign.store.schema import NORMALISER_COLUMN
+from crossalign.store.schema import ID_COLUMN, NORMALISER_COLUMN, VECTOR_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class NormalisedRanker:
             ids: list[str] = []
 
             def vectors():
-                for batch in self.table.search().select(["id", "vector"]).limit(None).to_batches():
-                    ids.extend(batch.column("id").to_pylist())
-                    flat = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
+                for batch in self.table.search().select([ID_COLUMN, VECTOR_COLUMN]).limit(None).to_batches():
+                    ids.extend(batch.column(ID_COLUMN).to_pylist())
+                    flat = batch.column(VECTOR_COLUMN).flatten().to_numpy(zero_copy_only=False)
                     yield torch.from_numpy(flat.reshape(batch.num_rows, -1).copy())
 
             _, top = bank_top(vectors(), self.bank, k=1)
@@ -85,7 +85,7 @@ class NormalisedRanker:
         depth, floor = max(self.first_depth, limit), self.floor()
         if self.method == "dynamic":
             nearest = candidates(1, [])
-            if not nearest or nearest[0]["id"] not in self.hubs():  # not a hub query: raw cosine order
+            if not nearest or nearest[0][ID_COLUMN] not in self.hubs():  # not a hub query: raw cosine order
                 rows = candidates(limit, [])
                 for row in rows:
                     row["score"] = row["cosine"] = round(row["cosine"], 4)

@@ -20,7 +20,7 @@ from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
 from crossalign.search.rerank import NormalisedRanker
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
 from crossalign.store.index import apply_plan, search_plan
-from crossalign.store.schema import NORMALISER_COLUMN
+from crossalign.store.schema import CORPUS_COLUMN, NORMALISER_COLUMN, SPLIT_COLUMN, item_columns
 from crossalign.store.tables import quote
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["vector", "fts", "hybrid"]
 MODES = ("vector", "fts", "hybrid")
-COLUMNS = {IMAGES_TABLE: ["id", "uri", "split", "corpus"],
-           CAPTIONS_TABLE: ["id", "text", "image_id", "split", "corpus"]}
+COLUMNS = {name: item_columns(name) for name in (IMAGES_TABLE, CAPTIONS_TABLE)}
 
 
 class QueryError(ValueError):
@@ -223,7 +222,8 @@ class Searcher:
 
 
 def _filtered(query: Any, split: str | None, corpus: str | None) -> Any:
-    clauses = [f"{column} = {quote(value)}" for column, value in (("split", split), ("corpus", corpus)) if value]
+    filters = ((SPLIT_COLUMN, split), (CORPUS_COLUMN, corpus))
+    clauses = [f"{column} = {quote(value)}" for column, value in filters if value]
     return query.where(" AND ".join(clauses), prefilter=True) if clauses else query
 
 

@@ -38,12 +38,11 @@ from typing import Any
 import numpy as np
 from lancedb.index import HnswSq, IvfPq
 
-from crossalign.store.schema import METRICS
+from crossalign.store.schema import METRICS, VECTOR_COLUMN
 
 logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("IVF_PQ", "IVF_HNSW_SQ")
-VECTOR_COLUMN = "vector"
 EXACT_SEARCH_MAX_ROWS = 10_000
 HNSW_PARTITION_ROWS = 1_048_576
 PQ_PARTITION_ROWS = 4_096

@@ -15,6 +15,13 @@ DEFAULT_METRIC = "cosine"
 # `cosine(query, row) - qb_norm`. Null where the mapper has no query bank (saved before banks were).
 NORMALISER_COLUMN = "qb_norm"
 METRICS = ("cosine", "l2", "dot")
+# Columns every joint table has; embed writes these, and copies the others from the corpus table by name.
+ID_COLUMN = "id"
+VECTOR_COLUMN = "vector"
+MAPPER_COLUMN = "mapper_id"
+SPLIT_COLUMN = "split"
+CORPUS_COLUMN = "corpus"
+TEXT_COLUMN = "text"  # of captions, also indexed for full-text search
 
 
 def check_metric(metric: str) -> str:
@@ -25,7 +32,7 @@ def check_metric(metric: str) -> str:
 
 
 def _vector(dim: int) -> pa.Field:
-    return pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)
+    return pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dim), nullable=False)
 
 
 def _normaliser() -> pa.Field:
@@ -35,13 +42,13 @@ def _normaliser() -> pa.Field:
 def images_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
     """The `images` table: one joint vector per image."""
     fields = [
-        pa.field("id", pa.string(), nullable=False),
+        pa.field(ID_COLUMN, pa.string(), nullable=False),
         _vector(dim),
-        pa.field("mapper_id", pa.string(), nullable=False),
+        pa.field(MAPPER_COLUMN, pa.string(), nullable=False),
         _normaliser(),
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("corpus", pa.string(), nullable=False),
+        pa.field(SPLIT_COLUMN, pa.string(), nullable=False),
+        pa.field(CORPUS_COLUMN, pa.string(), nullable=False),
     ]
     return pa.schema(fields, metadata=_encode(metadata))
 
@@ -49,16 +56,28 @@ def images_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema
 def captions_schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
     """The `captions` table: one joint vector per caption, with the id of the image it describes."""
     fields = [
-        pa.field("id", pa.string(), nullable=False),
+        pa.field(ID_COLUMN, pa.string(), nullable=False),
         _vector(dim),
-        pa.field("mapper_id", pa.string(), nullable=False),
+        pa.field(MAPPER_COLUMN, pa.string(), nullable=False),
         _normaliser(),
-        pa.field("text", pa.string(), nullable=False),
+        pa.field(TEXT_COLUMN, pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("corpus", pa.string(), nullable=False),
+        pa.field(SPLIT_COLUMN, pa.string(), nullable=False),
+        pa.field(CORPUS_COLUMN, pa.string(), nullable=False),
     ]
     return pa.schema(fields, metadata=_encode(metadata))
+
+
+def table_schema(table: str, dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The schema of joint table `table` (`IMAGES_TABLE` or `CAPTIONS_TABLE`)."""
+    return {IMAGES_TABLE: images_schema, CAPTIONS_TABLE: captions_schema}[table](dim, metadata)
+
+
+def item_columns(table: str) -> list[str]:
+    """The columns of joint table `table` that describe its items (what a search hit shows): all but the vector
+    and what the mapper wrote beside it."""
+    return [name for name in table_schema(table, 1).names if name not in (VECTOR_COLUMN, MAPPER_COLUMN,
+                                                                           NORMALISER_COLUMN)]
 
 
 def table_metadata(schema: pa.Schema) -> dict[str, Any]:

@@ -34,13 +34,17 @@ from crossalign.progress import ProgressLog
 from crossalign.store.index import ensure_index
 from crossalign.store.schema import (
     CAPTIONS_TABLE,
+    CORPUS_COLUMN,
     DEFAULT_METRIC,
+    ID_COLUMN,
     IMAGES_TABLE,
+    MAPPER_COLUMN,
     NORMALISER_COLUMN,
-    captions_schema,
+    TEXT_COLUMN,
+    VECTOR_COLUMN,
     check_metric,
-    images_schema,
     table_metadata,
+    table_schema,
 )
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -80,13 +84,9 @@ class _Modality:
     table: str
     modality: str  # "image" or "text": the mapper's side
     id_column: str  # in the corpus table
-    columns: dict[str, str]  # output column -> corpus column
 
 
-MODALITIES = (
-    _Modality(IMAGES_TABLE, "image", "image_id", {"uri": "uri", "split": "split"}),
-    _Modality(CAPTIONS_TABLE, "text", "caption_id", {"text": "text", "image_id": "image_id", "split": "split"}),
-)
+MODALITIES = (_Modality(IMAGES_TABLE, "image", "image_id"), _Modality(CAPTIONS_TABLE, "text", "caption_id"))
 
 
 def connect(workspace: Workspace) -> lancedb.DBConnection:
@@ -146,7 +146,7 @@ def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metr
     sources = {c: _Sources(workspace, c, config) for c in sorted(corpora)}  # all features found before writing
     written, removed, plans = {}, 0, {}
     for spec in MODALITIES:
-        schema = (images_schema if spec.modality == "image" else captions_schema)(config["dim"], metadata)
+        schema = table_schema(spec.table, config["dim"], metadata)
         if rebuild:
             table, written[spec.table] = _rebuild(db, spec, schema, sources, mapper)
         else:
@@ -157,7 +157,7 @@ def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metr
             _tag(table, config["mapper_id"])
             plans[spec.table] = ensure_index(table, metric).describe()
             if spec.table == CAPTIONS_TABLE:
-                table.create_index("text", config=FTS(), replace=True)
+                table.create_index(TEXT_COLUMN, config=FTS(), replace=True)
     images, captions = db.open_table(IMAGES_TABLE), db.open_table(CAPTIONS_TABLE)
     logger.info("embedded %s with %s: %d images, %d captions written, %d rows removed%s", corpus,
                 config["mapper_id"], written[IMAGES_TABLE], written[CAPTIONS_TABLE], removed,
@@ -226,11 +226,12 @@ class _Sources:
             take = pa.array([position[item] for item in chunk])
             keys = chunk if spec.modality == "image" else table.column("image_id").take(take).to_pylist()
             vectors, normaliser = mapper(features, spec.modality, keys)
-            arrays = {"id": pa.array(chunk, pa.string()), "vector": vectors, NORMALISER_COLUMN: normaliser,
-                      "mapper_id": pa.array([mapper_id] * len(chunk), pa.string()),
-                      "corpus": pa.array([self.corpus] * len(chunk), pa.string()),
-                      **{out: table.column(column).take(take) for out, column in spec.columns.items()}}
-            yield pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema)
+            arrays = {ID_COLUMN: pa.array(chunk, pa.string()), VECTOR_COLUMN: vectors, NORMALISER_COLUMN: normaliser,
+                      MAPPER_COLUMN: pa.array([mapper_id] * len(chunk), pa.string()),
+                      CORPUS_COLUMN: pa.array([self.corpus] * len(chunk), pa.string())}
+            # the schema's other columns are the corpus table's, by the same name
+            yield pa.Table.from_pydict({f.name: arrays[f.name] if f.name in arrays else table.column(f.name).take(take)
+                                        for f in schema}, schema=schema)
             progress.update(len(chunk))
 
 
@@ -255,8 +256,8 @@ def _update(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, source
             mapper: _Mapper) -> tuple[Any, int, int]:
     """Insert the items of `source` the table lacks and delete those the corpus lost: (table, inserted, deleted)."""
     table = db.open_table(spec.table)
-    stored = set(table.search().where(f"corpus = {quote(source.corpus)}").select(["id"]).limit(None)
-                 .to_arrow().column("id").to_pylist())
+    stored = set(table.search().where(f"{CORPUS_COLUMN} = {quote(source.corpus)}").select([ID_COLUMN])
+                 .limit(None).to_arrow().column(ID_COLUMN).to_pylist())
     ids = source.ids(spec)
     new = [item for item in ids if item not in stored]
     gone = sorted(stored - set(ids))
@@ -264,7 +265,7 @@ def _update(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, source
         upsert_rows(table, (b for t in source.batches(spec, schema, mapper, new) for b in t.to_batches()))
     for start in range(0, len(gone), DELETE_CHUNK):
         listed = ", ".join(quote(item) for item in gone[start:start + DELETE_CHUNK])
-        table.delete(f"corpus = {quote(source.corpus)} AND id IN ({listed})")
+        table.delete(f"{CORPUS_COLUMN} = {quote(source.corpus)} AND {ID_COLUMN} IN ({listed})")
     return table, len(new), len(gone)
 
 
@@ -276,10 +277,10 @@ def upsert_rows(table: Any, rows: pa.Table | pa.RecordBatchReader | Iterator[pa.
             by another mapper than the one the table's metadata names.
     """
     schema, mapper_id = table.schema, table_metadata(table.schema).get("mapper_id")
-    have = schema.field("vector").type
+    have = schema.field(VECTOR_COLUMN).type
 
     def checked(batch: pa.RecordBatch) -> pa.RecordBatch:
-        wanted = batch.schema.field("vector").type
+        wanted = batch.schema.field(VECTOR_COLUMN).type
         if not pa.types.is_fixed_size_list(wanted) or (wanted.list_size, wanted.value_type) != (
                 have.list_size, have.value_type):
             offered = f"{wanted.list_size}-d {wanted.value_type}" if pa.types.is_fixed_size_list(wanted) else wanted
@@ -287,7 +288,7 @@ def upsert_rows(table: Any, rows: pa.Table | pa.RecordBatchReader | Iterator[pa.
                 f"table {table.name} holds {have.list_size}-d {have.value_type} vectors; "
                 f"refusing rows of {offered} vectors"
             )
-        found = set(batch.column("mapper_id").to_pylist()) - {mapper_id}
+        found = set(batch.column(MAPPER_COLUMN).to_pylist()) - {mapper_id}
         if found:
             raise StoreMismatchError(
                 f"table {table.name} holds vectors of mapper {mapper_id}; refusing rows of {sorted(found)[0]}: "
@@ -297,7 +298,7 @@ def upsert_rows(table: Any, rows: pa.Table | pa.RecordBatchReader | Iterator[pa.
 
     batches = rows.to_batches() if isinstance(rows, pa.Table) else rows
     with _Streamed(table.schema, batches, checked) as data:
-        table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        table.merge_insert(ID_COLUMN).when_matched_update_all().when_not_matched_insert_all().execute(data)
 
 
 class _Streamed:
@@ -333,7 +334,8 @@ def _corpora_in_tables(db: lancedb.DBConnection) -> set[str]:
     corpora: set[str] = set()
     for spec in MODALITIES:
         if spec.table in table_names(db):
-            column = db.open_table(spec.table).search().select(["corpus"]).limit(None).to_arrow().column("corpus")
+            column = (db.open_table(spec.table).search().select([CORPUS_COLUMN]).limit(None).to_arrow()
+                      .column(CORPUS_COLUMN))
             corpora |= set(column.unique().to_pylist())
     return corpora
 
