@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crossalign.align.mapper import JointMapper, save_mapper
+from crossalign.align.mapper import JointMapper
+from crossalign.align.mapper_dir import save_mapper
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA
 from crossalign.extract.shards import ShardWriter
 from crossalign.workspace import Workspace

@@ -86,13 +86,14 @@ def _check_features(workspace: Workspace, corpus: str, encoders: list[str]) -> N
 
 
 def _check_mapper_features(workspace: Workspace, corpus: str, mapper_id: str | None) -> None:
-    from crossalign.align.mapper import check_encoder, load_mapper
+    from crossalign.align.mapper import check_encoder
+    from crossalign.align.mapper_dir import MapperDir, current_mapper
     from crossalign.extract.features import FeatureSet
 
-    mapper_dir = workspace.mapper_dir(mapper_id) if mapper_id else workspace.require_current_mapper()
-    if not (mapper_dir / "config.json").exists():
+    directory = MapperDir.of(workspace, mapper_id) if mapper_id else current_mapper(workspace)
+    if not directory.exists():
         raise WorkspaceError(f"workspace {workspace.root} has no mapper {mapper_id}")
-    _, mapper = load_mapper(mapper_dir)
+    mapper = directory.config()
     for modality in ("image", "text"):
         features = FeatureSet.open(workspace, corpus, mapper[f"{modality}_encoder"]["encoder"])
         check_encoder(mapper, modality, features.encoder)

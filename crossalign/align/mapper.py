@@ -145,13 +145,3 @@ def check_encoder(config: dict[str, Any], modality: str, encoder: dict[str, Any]
             f"(dim {expected['dim']}, weights {expected['weights_digest']}), got {encoder['encoder']} "
             f"(dim {encoder['dim']}, weights {encoder['weights_digest']})"
         )
-
-
-def __getattr__(name: str) -> Any:
-    # Saving and loading moved to `crossalign.align.mapper_dir`; kept for callers not yet moved
-    # (crossalign/preflight.py imports `load_mapper` from here).
-    if name in ("load_mapper", "load_querybank", "save_mapper"):
-        from crossalign.align import mapper_dir
-
-        return getattr(mapper_dir, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
