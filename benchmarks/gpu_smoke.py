@@ -91,8 +91,9 @@ def main(n_images: int) -> None:
     for name, device, precision, decode in runs:
         ingest_corpus(corpus, Workspace(root / name), "c")
         start = time.perf_counter()
-        summary = extract_image_features(Workspace(root / name), "c", device=device, precision=precision,
-                                         batch_size=128, num_workers=4, shard_size=256, decode=decode)
+        summary = extract_image_features(Workspace(root / name), "c", "efficientnet-lite0", device=device,
+                                         precision=precision, batch_size=128, num_workers=4, shard_size=256,
+                                         decode=decode)
         timings[name] = time.perf_counter() - start
         print(f"{name}: {summary.encoded} images, {summary.items_per_s}/s, precision {summary.precision}, "
               f"decode {decode}, failed {summary.failed}")

@@ -14,15 +14,18 @@ import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args
 
 import typer
 from pydantic import ValidationError
 
 from crossalign.config import (
+    CORPUS_FORMATS,
     CorpusConfig,
     ExtractConfig,
+    Metric,
     PipelineConfig,
+    Precision,
     QueryBankConfig,
     RunnerConfig,
     StoreConfig,
@@ -45,7 +48,7 @@ ImageEncoder_ = Annotated[str, typer.Option(
 TextEncoder_ = Annotated[str, typer.Option(help="minilm-l6, mpnet-base, hf:<model id or dir>\\[#cls]; a,b concatenates "
                                                "several")]
 Device_ = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
-Precision_ = Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")]
+Precision_ = Annotated[str, typer.Option(help=", ".join(get_args(Precision)))]
 Compile_ = Annotated[str, typer.Option(
     help="torch.compile the image encoder: auto (on the CPU for 5,000+ images), on, off")]
 Decode_ = Annotated[str, typer.Option(
@@ -65,11 +68,15 @@ Heads_ = Annotated[int, typer.Option(help="An ensemble in one mapper: this many 
 Normalise_ = Annotated[str, typer.Option(
     "--normalise", help="Scores of text -> image and image -> text: inverted_softmax (against the mapper's query "
     "bank, against hubs), dynamic (QB-Norm), or none (raw cosine).")]
-DEFAULT_IMAGE_ENCODER = ExtractConfig.model_fields["image_encoder"].default  # one source of truth: the config
-DEFAULT_TEXT_ENCODER = ExtractConfig.model_fields["text_encoder"].default
-DEFAULT_DECODE = ExtractConfig.model_fields["decode"].default
-DEFAULT_NORMALISE = QueryBankConfig.model_fields["method"].default
-TRAIN = TrainConfig()  # the training defaults, read from the config (never repeated here)
+# Every option default is read from the config (never repeated here).
+CORPUS = CorpusConfig(root=".")
+EXTRACT = ExtractConfig()
+TRAIN = TrainConfig()
+QUERYBANK = QueryBankConfig()
+STORE = StoreConfig()
+RUNNER = RunnerConfig()
+WORKSPACE: Path = PipelineConfig.model_fields["workspace"].default
+RETRAIN: bool = PipelineConfig.model_fields["retrain"].default
 _console = {"debug": False}  # set by the `--debug` option, for the command that follows
 
 
@@ -133,12 +140,11 @@ def _validation(err: ValidationError) -> str:
     return f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
 
 
-Format = Annotated[str, typer.Option("--format", help="auto, " + ", ".join(
-    ("jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset")))]
+Format = Annotated[str, typer.Option("--format", help="auto, " + ", ".join(CORPUS_FORMATS))]
 
 
-def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, fmt: str = "auto",
-            **sections: Any) -> PipelineConfig:
+def _config(corpus: Path, workspace: Path, fmt: str = CORPUS.format, train_split: str = TRAIN.train_split,
+            eval_split: str = TRAIN.eval_split, **sections: Any) -> PipelineConfig:
     return PipelineConfig(
         workspace=workspace, corpus=CorpusConfig(root=corpus, format=fmt),
         extract=ExtractConfig(**sections.get("extract", {})),
@@ -151,21 +157,22 @@ def _config(corpus: Path, workspace: Path, train_split: str, eval_split: str, fm
 @app.command()
 @_friendly
 def run(
-    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-    eval_split: EvalSplit = "dev", fmt: Format = "auto", steps: Steps_ = TRAIN.steps, loss: Loss_ = TRAIN.loss,
-    lr: Lr_ = TRAIN.lr, input_dropout: InputDropout_ = TRAIN.input_dropout, dim: Dim_ = TRAIN.dim,
-    heads: Heads_ = TRAIN.heads, batch_size: BatchSize_ = TRAIN.batch_size,
-    retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = False,
+    corpus: Corpus_, workspace: Workspace_ = WORKSPACE, train_split: TrainSplit = TRAIN.train_split,
+    eval_split: EvalSplit = TRAIN.eval_split, fmt: Format = CORPUS.format, steps: Steps_ = TRAIN.steps,
+    loss: Loss_ = TRAIN.loss, lr: Lr_ = TRAIN.lr, input_dropout: InputDropout_ = TRAIN.input_dropout,
+    dim: Dim_ = TRAIN.dim, heads: Heads_ = TRAIN.heads, batch_size: BatchSize_ = TRAIN.batch_size,
+    retrain: Annotated[bool, typer.Option(help="Train a new mapper even if a compatible one exists.")] = RETRAIN,
     query: Annotated[Optional[list[str]], typer.Option(help="Sample text query to show (repeatable).")] = None,
-    image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
-    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto",
-    decode: Decode_ = DEFAULT_DECODE,
-    runner: Runner_ = "threads", dask_address: DaskAddress_ = None, normalise: Normalise_ = DEFAULT_NORMALISE,
+    image_encoder: ImageEncoder_ = EXTRACT.image_encoder, text_encoder: TextEncoder_ = EXTRACT.text_encoder,
+    device: Device_ = EXTRACT.device, precision: Precision_ = EXTRACT.precision,
+    compile: Compile_ = EXTRACT.compile, decode: Decode_ = EXTRACT.decode,
+    runner: Runner_ = RUNNER.kind, dask_address: DaskAddress_ = RUNNER.dask_address,
+    normalise: Normalise_ = QUERYBANK.method,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
                "compile": compile, "decode": decode}
-    config = _config(corpus, workspace, train_split, eval_split, fmt, extract=extract,
+    config = _config(corpus, workspace, fmt, train_split, eval_split, extract=extract,
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
                             "heads": heads, "batch_size": batch_size},
                      retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
@@ -204,10 +211,10 @@ def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
 @app.command()
 @_friendly
 def evaluate(
-    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"),
-    split: Annotated[str, typer.Option(help="Corpus split to evaluate on.")] = "dev",
+    corpus: Corpus_, workspace: Workspace_ = WORKSPACE,
+    split: Annotated[str, typer.Option(help="Corpus split to evaluate on.")] = TRAIN.eval_split,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    fmt: Format = "auto", normalise: Normalise_ = DEFAULT_NORMALISE,
+    fmt: Format = CORPUS.format, normalise: Normalise_ = QUERYBANK.method,
 ) -> None:
     """Evaluate the workspace's current mapper on a corpus split (ingesting and extracting what is missing).
 
@@ -237,7 +244,7 @@ Target = Annotated[Optional[str], typer.Option(
 @_friendly
 def search(
     query: Annotated[Optional[str], typer.Argument(help="Text query (or use --image).", show_default=False)] = None,
-    workspace: Workspace_ = Path("crossalign-data"),
+    workspace: Workspace_ = WORKSPACE,
     text: Annotated[Optional[str], typer.Option("--text", "-t", help="Text query (same as the argument).")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", "-i", help="Query by this image file.")] = None,
     target: Target = None,
@@ -246,8 +253,9 @@ def search(
     limit: Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")] = 5,
     split: Annotated[Optional[str], typer.Option(help="Only results of this split.")] = None,
     corpus_name: Annotated[Optional[str], typer.Option("--corpus", help="Only results of this corpus.")] = None,
-    mapper: Annotated[Optional[str], typer.Option(help="Search an older mapper's vectors (see `tables list`).")] = None,
-    normalise: Normalise_ = DEFAULT_NORMALISE,
+    mapper: Annotated[Optional[str], typer.Option(help="Search an older mapper's vectors (see `tables list`).")] = (
+        STORE.mapper_id),
+    normalise: Normalise_ = QUERYBANK.method,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per hit.")] = False,
 ) -> None:
     """Search the tables: text -> image, image -> text, image -> image (--in images) or text -> text (--in captions).
@@ -296,7 +304,7 @@ app.add_typer(tables_app, name="tables")
 @tables_app.command("list")
 @_friendly
 def tables_list(
-    workspace: Workspace_ = Path("crossalign-data"),
+    workspace: Workspace_ = WORKSPACE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Every mapper whose vectors the tables hold, and which one is current."""
@@ -316,7 +324,7 @@ def tables_list(
 
 @tables_app.command("cleanup")
 @_friendly
-def tables_cleanup(workspace: Workspace_ = Path("crossalign-data")) -> None:
+def tables_cleanup(workspace: Workspace_ = WORKSPACE) -> None:
     """Compact the tables and delete every old version, older mappers' vectors included."""
     from crossalign.store import cleanup_tables
     from crossalign.workspace import Workspace
@@ -331,11 +339,11 @@ def tables_cleanup(workspace: Workspace_ = Path("crossalign-data")) -> None:
 
 @app.command()
 @_friendly
-def ingest(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto") -> None:
+def ingest(corpus: Corpus_, workspace: Workspace_ = WORKSPACE, fmt: Format = CORPUS.format) -> None:
     """Ingest a corpus into the workspace's canonical tables (the `ingest` flow)."""
     from flows.ingest import ingest_flow
 
-    config = _config(corpus, workspace, "train", "dev", fmt)
+    config = _config(corpus, workspace, fmt)
     _preflight(config, "ingest")
     typer.echo(json.dumps(_run_flow(ingest_flow, config), indent=2, default=str))
 
@@ -343,18 +351,18 @@ def ingest(corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt
 @app.command()
 @_friendly
 def extract(
-    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto",
-    image_encoder: ImageEncoder_ = DEFAULT_IMAGE_ENCODER, text_encoder: TextEncoder_ = DEFAULT_TEXT_ENCODER,
-    device: Device_ = "auto", precision: Precision_ = "auto", compile: Compile_ = "auto",
-    decode: Decode_ = DEFAULT_DECODE,
-    runner: Runner_ = "threads", dask_address: DaskAddress_ = None,
+    corpus: Corpus_, workspace: Workspace_ = WORKSPACE, fmt: Format = CORPUS.format,
+    image_encoder: ImageEncoder_ = EXTRACT.image_encoder, text_encoder: TextEncoder_ = EXTRACT.text_encoder,
+    device: Device_ = EXTRACT.device, precision: Precision_ = EXTRACT.precision,
+    compile: Compile_ = EXTRACT.compile, decode: Decode_ = EXTRACT.decode,
+    runner: Runner_ = RUNNER.kind, dask_address: DaskAddress_ = RUNNER.dask_address,
 ) -> None:
     """Extract the image and caption features the workspace lacks (the `extract` flow)."""
     from flows.extract import extract_flow
 
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
                "compile": compile, "decode": decode}
-    config = _config(corpus, workspace, "train", "dev", fmt, extract=extract,
+    config = _config(corpus, workspace, fmt, extract=extract,
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
     _preflight(config, "extract")
     typer.echo(json.dumps(_run_flow(extract_flow, config), indent=2, default=str))
@@ -363,20 +371,20 @@ def extract(
 @app.command()
 @_friendly
 def train(
-    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), train_split: TrainSplit = "train",
-    eval_split: EvalSplit = "dev", fmt: Format = "auto",
+    corpus: Corpus_, workspace: Workspace_ = WORKSPACE, train_split: TrainSplit = TRAIN.train_split,
+    eval_split: EvalSplit = TRAIN.eval_split, fmt: Format = CORPUS.format,
     image_encoder: Annotated[str, typer.Option(help="Whose cached image features to train on.")] = (
-        DEFAULT_IMAGE_ENCODER),
+        EXTRACT.image_encoder),
     text_encoder: Annotated[str, typer.Option(help="Whose cached caption features to train on.")] = (
-        DEFAULT_TEXT_ENCODER),
+        EXTRACT.text_encoder),
     steps: Steps_ = TRAIN.steps, loss: Loss_ = TRAIN.loss, lr: Lr_ = TRAIN.lr,
     input_dropout: InputDropout_ = TRAIN.input_dropout, dim: Dim_ = TRAIN.dim, heads: Heads_ = TRAIN.heads,
-    batch_size: BatchSize_ = TRAIN.batch_size, normalise: Normalise_ = DEFAULT_NORMALISE,
+    batch_size: BatchSize_ = TRAIN.batch_size, normalise: Normalise_ = QUERYBANK.method,
 ) -> None:
     """Train a new mapper on cached features and make it current (the `train` flow)."""
     from flows.train import train_flow
 
-    config = _config(corpus, workspace, train_split, eval_split, fmt,
+    config = _config(corpus, workspace, fmt, train_split, eval_split,
                      extract={"image_encoder": image_encoder, "text_encoder": text_encoder},
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
                             "heads": heads, "batch_size": batch_size},
@@ -388,14 +396,16 @@ def train(
 @app.command()
 @_friendly
 def embed(
-    corpus: Corpus_, workspace: Workspace_ = Path("crossalign-data"), fmt: Format = "auto",
-    mapper: Annotated[Optional[str], typer.Option(help="Embed with this mapper (default: the current one).")] = None,
-    metric: Annotated[str, typer.Option(help="cosine, l2 or dot: the index and search distance.")] = "cosine",
+    corpus: Corpus_, workspace: Workspace_ = WORKSPACE, fmt: Format = CORPUS.format,
+    mapper: Annotated[Optional[str], typer.Option(help="Embed with this mapper (default: the current one).")] = (
+        STORE.mapper_id),
+    metric: Annotated[str, typer.Option(help=", ".join(get_args(Metric)) + ": the index and search distance.")] = (
+        STORE.metric),
 ) -> None:
     """Write a mapper's joint vectors to LanceDB (the `embed` flow); another mapper gets its own table version."""
     from flows.embed import embed_flow
 
-    config = _config(corpus, workspace, "train", "dev", fmt, store={"metric": metric, "mapper_id": mapper})
+    config = _config(corpus, workspace, fmt, store={"metric": metric, "mapper_id": mapper})
     _preflight(config, "embed")
     typer.echo(json.dumps(_run_flow(embed_flow, config), indent=2, default=str))
 

@@ -7,11 +7,22 @@ and pydantic refuses bad values (naming the field) before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+CorpusFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset"]
+CORPUS_FORMATS: tuple[str, ...] = tuple(f for f in get_args(CorpusFormat) if f != "auto")  # the readable formats
+CompileMode = Literal["auto", "on", "off"]
+DecodeMode = Literal["auto", "threads", "processes", "nvjpeg", "nvimgcodec"]
+Metric = Literal["cosine", "l2", "dot"]
+NormaliseMethod = Literal["none", "inverted_softmax", "dynamic"]
+
+
+def corpus_name(root: Path | str, name: str | None = None) -> str:
+    """A corpus's name inside a workspace: `name` if given, else the name of its folder (resolved)."""
+    return name or Path(root).expanduser().resolve().name
 
 
 class _Section(BaseModel):
@@ -25,7 +36,7 @@ class CorpusConfig(_Section):
     name: str | None = Field(
         default=None, description="Corpus name in the workspace; defaults to the folder's name."
     )
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset"] = Field(
+    format: CorpusFormat = Field(
         default="auto", description="Corpus layout; 'auto' detects it when only one fits."
     )
     captions_file: str = Field(
@@ -51,7 +62,7 @@ class CorpusConfig(_Section):
     @property
     def corpus_name(self) -> str:
         """The name this corpus has inside a workspace."""
-        return self.name or Path(self.root).resolve().name
+        return corpus_name(self.root, self.name)
 
 
 class ExtractConfig(_Section):
@@ -74,7 +85,7 @@ class ExtractConfig(_Section):
         "(cosine >= 0.999 to fp32) that the CPU runs natively (EfficientNet-Lite: fp16 with AVX512-FP16; "
         "MiniLM: bf16 with AMX/AVX512-BF16), else fp32.",
     )
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: CompileMode = Field(
         default="auto",
         description="torch.compile the image encoder: 'auto' does on the CPU when 5,000+ images wait "
         "(compiling takes 15-45 s; Lite0 then runs about 1.4x faster).",
@@ -84,7 +95,7 @@ class ExtractConfig(_Section):
     )
     text_batch_size: int = Field(default=256, gt=0)
     shard_size: int = Field(default=4096, gt=0, description="Rows per Parquet feature shard.")
-    decode: Literal["auto", "threads", "processes", "nvjpeg", "nvimgcodec"] = Field(
+    decode: DecodeMode = Field(
         default="auto",
         description="Decode images in a thread pool (auto on the CPU: measured faster here), in spawned worker "
         "processes (auto on CUDA; started once per process, then reused), or on the GPU (CUDA only): with "
@@ -146,7 +157,7 @@ class QueryBankConfig(_Section):
     """Query-bank normalisation against hubness: a bank of the training split's vectors is saved with the
     mapper; each table row's normaliser against it is stored as a column; search re-ranks by it."""
 
-    method: Literal["none", "inverted_softmax", "dynamic"] = Field(
+    method: NormaliseMethod = Field(
         default="inverted_softmax",
         description="How search and evaluate score: raw cosine ('none'), inverted softmax over the bank, or its "
         "dynamic variant (QB-Norm: only queries whose nearest row is a hub of the bank).",
@@ -161,7 +172,7 @@ class QueryBankConfig(_Section):
 class StoreConfig(_Section):
     """The LanceDB tables: which mapper's vectors they hold and how they are searched."""
 
-    metric: Literal["cosine", "l2", "dot"] = Field(
+    metric: Metric = Field(
         default="cosine", description="Distance of the vector index and searches (the vectors are unit length)."
     )
     mapper_id: str | None = Field(

@@ -141,7 +141,7 @@ def test_stage_commands_take_the_encoder_options(prefect_backend, tmp_path):
     from conftest import IMAGE_ENCODER, write_tiny_corpus
 
     from crossalign.align import load_mapper
-    from crossalign.cli import DEFAULT_TEXT_ENCODER
+    from crossalign.config import ExtractConfig
     from crossalign.workspace import Workspace
 
     corpus, workspace = write_tiny_corpus(tmp_path / "corpus"), tmp_path / "ws"
@@ -151,7 +151,8 @@ def test_stage_commands_take_the_encoder_options(prefect_backend, tmp_path):
     extracted = runner.invoke(app, ["extract", *where, "--image-encoder", IMAGE_ENCODER, "--device", "cpu"])
     assert extracted.exit_code == 0, extracted.output
     summaries = json.loads(extracted.stdout[extracted.stdout.index("["):])
-    assert [(s["encoder"], s["encoded"]) for s in summaries] == [(IMAGE_ENCODER, 12), (DEFAULT_TEXT_ENCODER, 28)]
+    default_text = ExtractConfig().text_encoder
+    assert [(s["encoder"], s["encoded"]) for s in summaries] == [(IMAGE_ENCODER, 12), (default_text, 28)]
     trained = runner.invoke(app, ["train", *where, "--image-encoder", IMAGE_ENCODER, "--steps", "40"])
     assert trained.exit_code == 0, trained.output
     _, mapper = load_mapper(Workspace(workspace).require_current_mapper())

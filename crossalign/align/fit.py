@@ -18,7 +18,7 @@ from crossalign.align.querybank import QueryBank, check_method, sample_rows
 from crossalign.align.report import recall_curves, write_report
 from crossalign.align.reuse import RECORD_KEY, training_record
 from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
-from crossalign.config import QueryBankConfig
+from crossalign.config import QueryBankConfig, TrainConfig
 from crossalign.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,12 @@ class FitSummary:
         return asdict(self)
 
 
+_D = TrainConfig()  # the training defaults, read from the config (never repeated here)
+
+
 def fit_mapper(
-    workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, *, train_split: str = "train",
-    eval_split: str = "dev", querybank: QueryBankConfig | None = None, **train_options: Any,
+    workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, *, train_split: str = _D.train_split,
+    eval_split: str = _D.eval_split, querybank: QueryBankConfig | None = None, **train_options: Any,
 ) -> FitSummary:
     """Train a mapper on `train_split`'s cached features, select on `eval_split`, save it as current.
 

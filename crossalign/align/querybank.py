@@ -22,10 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
-METHODS = ("none", "inverted_softmax", "dynamic")
+from crossalign.config import NormaliseMethod
+
+METHODS: tuple[str, ...] = get_args(NormaliseMethod)
 CHUNK_ROWS = 4096
 
 

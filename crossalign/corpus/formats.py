@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from crossalign.config import CORPUS_FORMATS, CorpusConfig
 from crossalign.corpus.folder import (
     TEXT_ENCODING,
     BadRecord,
@@ -32,7 +33,8 @@ from crossalign.corpus.folder import (
     read_jsonl_records,
 )
 
-FORMATS = ("jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset")
+FORMATS = CORPUS_FORMATS  # "auto" aside: it picks one of these
+_C = CorpusConfig(root=".")  # the corpus defaults, read from the config (never repeated here)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 Record = CorpusRecord | BadRecord
 
@@ -41,12 +43,12 @@ Record = CorpusRecord | BadRecord
 class ReaderOptions:
     """How to read a corpus: the captions file and the column names of table formats."""
 
-    captions_file: str = "captions.jsonl"
-    default_split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    split_column: str = "split"
-    unlisted_split: str = "unlisted"  # flickr: images that no split list names (when split lists exist)
+    captions_file: str = _C.captions_file
+    default_split: str = _C.default_split
+    image_column: str = _C.image_column
+    caption_column: str = _C.caption_column
+    split_column: str = _C.split_column
+    unlisted_split: str = _C.unlisted_split  # flickr: images that no split list names (when split lists exist)
 
 
 def detect_format(root: Path, options: ReaderOptions) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crossalign.config import CorpusConfig, corpus_name
 from crossalign.corpus.accounting import Ledger, accounting_line
 from crossalign.corpus.folder import BadRecord, CorpusRecord
 from crossalign.corpus.formats import ReaderOptions, read_records
@@ -21,6 +22,7 @@ from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCH
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
+_C = CorpusConfig(root=".")  # the corpus defaults, read from the config (never repeated here)
 
 ID_HEX_DIGITS = 32
 
@@ -184,15 +186,15 @@ def ingest_corpus(
     root: Path,
     workspace: Workspace,
     corpus: str | None = None,
-    captions_file: str = "captions.jsonl",
-    default_split: str = "train",
-    max_pixels: int = 40_000_000,
-    max_caption_chars: int = 1000,
-    fmt: str = "auto",
-    image_column: str = "image",
-    caption_column: str = "caption",
-    split_column: str = "split",
-    unlisted_split: str = "unlisted",
+    captions_file: str = _C.captions_file,
+    default_split: str = _C.default_split,
+    max_pixels: int = _C.max_pixels,
+    max_caption_chars: int = _C.max_caption_chars,
+    fmt: str = _C.format,
+    image_column: str = _C.image_column,
+    caption_column: str = _C.caption_column,
+    split_column: str = _C.split_column,
+    unlisted_split: str = _C.unlisted_split,
 ) -> IngestSummary:
     """Read a corpus (any format of `crossalign.corpus.formats`) into `workspace`'s canonical tables.
 
@@ -218,7 +220,7 @@ def ingest_corpus(
         IngestAccountingError: the ledger does not balance (a bug; nothing is committed).
     """
     root = Path(root).expanduser().resolve()
-    corpus = corpus or root.name
+    corpus = corpus_name(root, corpus)
     options = ReaderOptions(captions_file, default_split, image_column, caption_column, split_column, unlisted_split)
     records = read_records(root, fmt, options)  # config errors raise here, before any work
     workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from crossalign.config import CompileMode, DecodeMode, ExtractConfig
 from crossalign.corpus import read_captions, read_images
 from crossalign.encoders import ImageEncoder
 from crossalign.encoders.base import can_compile_on_cpu
@@ -90,8 +91,9 @@ def gpu_batches(
 
 
 GPU_DECODE_MODES = ("nvjpeg", "nvimgcodec")
-DECODE_MODES = ("auto", "threads", "processes", *GPU_DECODE_MODES)
-COMPILE_MODES = ("auto", "on", "off")
+DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+_E = ExtractConfig()  # the extraction defaults, read from the config (never repeated here)
 # "auto" compiles the image encoder on the CPU when at least this many images wait for it: compiling
 # costs 15-45 s on 2 cores and saves about 6 ms an image (Lite0 fp16: 60 -> 90+ images/s).
 COMPILE_MIN_IMAGES = 5_000
@@ -142,9 +144,10 @@ def default_num_workers(decode: str = "threads", on_gpu: bool = False) -> int:
 
 
 def extract_image_features(
-    workspace: Workspace, corpus: str, encoder_name: str = "efficientnet-lite0", *, device: str = "auto",
-    precision: str = "auto", batch_size: int | None = None, shard_size: int = 4096, num_workers: int | None = None,
-    split: str | None = None, decode: str = "auto", only_ids: list[str] | None = None, compile: str = "auto",
+    workspace: Workspace, corpus: str, encoder_name: str = _E.image_encoder, *, device: str = _E.device,
+    precision: str = _E.precision, batch_size: int | None = _E.image_batch_size, shard_size: int = _E.shard_size,
+    num_workers: int | None = _E.num_workers, split: str | None = None, decode: str = _E.decode,
+    only_ids: list[str] | None = None, compile: str = _E.compile,
 ) -> ExtractSummary:
     """Encode the corpus images that have no features yet for `encoder_name` (of them, only `only_ids` if given).
 
@@ -276,8 +279,9 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 
 
 def extract_text_features(
-    workspace: Workspace, corpus: str, encoder_name: str = "minilm-l6", *, device: str = "auto",
-    precision: str = "auto", batch_size: int = 256, shard_size: int = 4096, split: str | None = None,
+    workspace: Workspace, corpus: str, encoder_name: str = _E.text_encoder, *, device: str = _E.device,
+    precision: str = _E.precision, batch_size: int = _E.text_batch_size, shard_size: int = _E.shard_size,
+    split: str | None = None,
     only_ids: list[str] | None = None,
 ) -> ExtractSummary:
     """Encode the corpus captions that have no features yet for `encoder_name` (see `extract_image_features`)."""

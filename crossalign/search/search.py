@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from crossalign.align.mapper import check_encoder
 from crossalign.align.mapper_dir import MapperDir
 from crossalign.align.querybank import check_method
-from crossalign.config import QueryBankConfig
+from crossalign.config import ExtractConfig, QueryBankConfig
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
 from crossalign.search.rerank import NormalisedRanker
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
@@ -25,6 +25,7 @@ from crossalign.store.tables import quote
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
+_E = ExtractConfig()  # the query encoders' runtime defaults, read from the config
 
 Mode = Literal["vector", "fts", "hybrid"]
 MODES = ("vector", "fts", "hybrid")
@@ -77,8 +78,8 @@ class Searcher:
         ValueError: an unknown normalisation.
     """
 
-    def __init__(self, workspace: Workspace | Path | str, mapper_id: str | None = None, device: str = "auto",
-                 precision: str = "auto", normalisation: str | None = None) -> None:
+    def __init__(self, workspace: Workspace | Path | str, mapper_id: str | None = None,
+                 device: str = _E.device, precision: str = _E.precision, normalisation: str | None = None) -> None:
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
         requested = check_method(normalisation or QueryBankConfig().method)
         db = connect(self.workspace)

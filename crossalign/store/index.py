@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from lancedb.index import HnswSq, IvfPq
 
-from crossalign.store.schema import METRICS, VECTOR_COLUMN
+from crossalign.store.schema import DEFAULT_METRIC, METRICS, VECTOR_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class IndexPlan:
 
 
 def plan_index(
-    n_rows: int, dim: int, metric: str = "cosine", exact_max_rows: int = EXACT_SEARCH_MAX_ROWS,
+    n_rows: int, dim: int, metric: str = DEFAULT_METRIC, exact_max_rows: int = EXACT_SEARCH_MAX_ROWS,
     index_type: str = INDEX_TYPES[0],
 ) -> IndexPlan:
     """The index for `n_rows` vectors of `dim` dimensions (a pure function of its arguments).
@@ -121,7 +121,8 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def ensure_index(
-    table: Any, metric: str = "cosine", exact_max_rows: int = EXACT_SEARCH_MAX_ROWS, index_type: str = INDEX_TYPES[0],
+    table: Any, metric: str = DEFAULT_METRIC, exact_max_rows: int = EXACT_SEARCH_MAX_ROWS,
+    index_type: str = INDEX_TYPES[0],
 ) -> IndexPlan:
     """Give `table`'s vector column the index `plan_index` asks for; return the plan to query it with, which is
     also recorded in the table (`recorded_plan`) for search to read.

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
+
+from crossalign.config import Metric, StoreConfig
 
 IMAGES_TABLE = "images"
 CAPTIONS_TABLE = "captions"
 METADATA_KEY = b"crossalign"  # JSON: mapper_id, dim, metric, image_encoder, text_encoder
-DEFAULT_METRIC = "cosine"
+DEFAULT_METRIC: str = StoreConfig().metric
 # Query-bank normaliser of each row (crossalign/align/querybank.py), in cosine units: search ranks a row by
 # `cosine(query, row) - qb_norm`. Null where the mapper has no query bank (saved before banks were).
 NORMALISER_COLUMN = "qb_norm"
-METRICS = ("cosine", "l2", "dot")
+METRICS: tuple[str, ...] = get_args(Metric)
 # Columns every joint table has; embed writes these, and copies the others from the corpus table by name.
 ID_COLUMN = "id"
 VECTOR_COLUMN = "vector"
