@@ -600,7 +600,7 @@ def test_input_dropout_drops_the_rounded_share_and_keeps_the_mean() -> None:
 
     torch.manual_seed(0)
     dropout = InputDropout(0.6)  # rounded to 154 / 256
-    x = torch.ones(1000, 333)  # an element count that is not a multiple of 8
+    x = torch.ones(1000, 333)
     out = dropout.train()(x)
     assert out.shape == x.shape
     assert (out == 0).float().mean().item() == pytest.approx(154 / 256, abs=0.005)
