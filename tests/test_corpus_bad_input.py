@@ -389,7 +389,8 @@ def test_cli_ingest_of_a_hostile_csv_corpus_prints_the_accounting(prefect_backen
     result = CliRunner().invoke(app, ["ingest", "--corpus", str(corpus), "--workspace", str(tmp_path / "ws")])
 
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index('{\n  "corpus"'):])  # after the log lines
+    # the summary follows the log lines (and may be followed by more of them)
+    summary, _ = json.JSONDecoder().raw_decode(result.output[result.output.index('{\n  "corpus"'):])
     assert summary["rejects_by_reason"] == {"bad_record": 1, "unreadable_path": 1}
     assert (summary["images"], summary["captions"]) == (3, 3)
     assert summary["accounting"] == {"image": {"in": 4, "accepted": 3, "merged": 0, "rejected": 1},
