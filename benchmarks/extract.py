@@ -32,6 +32,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from crossalign.config import CorpusConfig
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
 from crossalign.extract import extract_image_features, extract_text_features, read_features
@@ -236,7 +237,7 @@ def extraction_rss(corpus: Path, split: str, sizes: list[int], args: argparse.Na
             (root / image).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(corpus / image, root / image)
         workspace = root / "ws"
-        ingest_corpus(root, Workspace(workspace), "rss")
+        ingest_corpus(CorpusConfig(root=root, name="rss"), Workspace(workspace))
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(workspace), "rss", args.image_encoder,
                               args.device, args.precision, split, args.compile], capture_output=True, text=True,
                              check=True)
@@ -286,7 +287,8 @@ def main() -> None:
         parser.error(f"--decode {','.join(unknown)}: use modes from {', '.join(DECODE_MODES[1:])}")
     workspaces = {decode: Workspace(root / decode) for decode in decodes}  # nvJPEG's features are their own
     start = time.perf_counter()
-    ingest_corpus(args.corpus, workspaces[decodes[0]], "bench")  # once: the others get a copy (paths are absolute)
+    # once: the others get a copy (paths are absolute)
+    ingest_corpus(CorpusConfig(root=args.corpus, name="bench"), workspaces[decodes[0]])
     for decode in decodes[1:]:
         shutil.copytree(workspaces[decodes[0]].root, workspaces[decode].root)
     print(f"ingested in {time.perf_counter() - start:.1f}s")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossalign.config import CorpusConfig, ExtractConfig
 from crossalign.corpus import ingest_corpus
 from crossalign.encoders import load_encoder, resolve_runtime
 from crossalign.encoders.hf_text import HFTextEncoder
@@ -89,11 +90,11 @@ def main(n_images: int) -> None:
     if nvimgcodec_installed():
         runs += (("gpu-nvimgcodec", "cuda", "fp32", "nvimgcodec"),)
     for name, device, precision, decode in runs:
-        ingest_corpus(corpus, Workspace(root / name), "c")
+        ingest_corpus(CorpusConfig(root=corpus, name="c"), Workspace(root / name))
         start = time.perf_counter()
-        summary = extract_image_features(Workspace(root / name), "c", "efficientnet-lite0", device=device,
-                                         precision=precision, batch_size=128, num_workers=4, shard_size=256,
-                                         decode=decode)
+        config = ExtractConfig(image_encoder="efficientnet-lite0", device=device, precision=precision,
+                               image_batch_size=128, num_workers=4, shard_size=256, decode=decode)
+        summary = extract_image_features(Workspace(root / name), "c", config)
         timings[name] = time.perf_counter() - start
         print(f"{name}: {summary.encoded} images, {summary.items_per_s}/s, precision {summary.precision}, "
               f"decode {decode}, failed {summary.failed}")

@@ -31,7 +31,7 @@ from crossalign.align.metrics import normalised_metrics
 from crossalign.align.querybank import METHODS
 from crossalign.align.train import split_fraction, train_mapper
 from crossalign.align.zeroshot import zero_shot_accuracy
-from crossalign.config import ExtractConfig, QueryBankConfig
+from crossalign.config import CorpusConfig, ExtractConfig, QueryBankConfig
 from crossalign.corpus import ingest_corpus, read_images
 from crossalign.corpus.fashion_mnist import CLASS_NAMES, TEMPLATES, write_fashion_mnist_corpus
 from crossalign.encoders import load_encoder
@@ -98,11 +98,11 @@ def extract(workspace: Workspace, corpus: str, image_encoders: set[str], text_en
     """Features for every encoder the configurations need (what exists is reused); seconds per encoder."""
     seconds = {}
     for name in sorted(image_encoders):
-        summary = extract_image_features(workspace, corpus, name)
+        summary = extract_image_features(workspace, corpus, ExtractConfig(image_encoder=name))
         seconds[name] = summary.seconds
         print(f"features {name}: {summary.encoded} new, {summary.already_done} reused ({summary.items_per_s}/s)")
     for name in sorted(text_encoders):
-        summary = extract_text_features(workspace, corpus, name)
+        summary = extract_text_features(workspace, corpus, ExtractConfig(text_encoder=name))
         seconds[name] = summary.seconds
         print(f"features {name}: {summary.encoded} new, {summary.already_done} reused ({summary.items_per_s}/s)")
     return seconds
@@ -169,7 +169,7 @@ def fashion_mnist_zero_shot(root: Path, n_train: int) -> float:
     """Top-1 accuracy on the 10,000 Fashion-MNIST test images of a mapper trained on `n_train` train images."""
     corpus_root = write_fashion_mnist_corpus(root / "corpus", n_train=n_train, n_dev=10_000)
     workspace = Workspace(root / "ws")
-    ingest_corpus(corpus_root, workspace, "fmnist")
+    ingest_corpus(CorpusConfig(root=corpus_root, name="fmnist"), workspace)
     extract(workspace, "fmnist", {LITE0}, {MINILM})  # 16,000 images: the fast encoders
     train = load_paired_features(workspace, "fmnist", "train", LITE0, MINILM)
     test = load_paired_features(workspace, "fmnist", "dev", LITE0, MINILM)
@@ -212,7 +212,7 @@ def main() -> None:
     if not any(is_default(c) for c in configs):
         configs.append(Config("the default configuration", image_encoder=DEFAULT_IMAGE, text_encoder=DEFAULT_TEXT))
     workspace = Workspace(args.workspace)
-    ingest_corpus(args.corpus, workspace, args.corpus_name)
+    ingest_corpus(CorpusConfig(root=args.corpus, name=args.corpus_name), workspace)
     extraction = extract(workspace, args.corpus_name, {p for c in configs for p in c.image_encoder.split(",")},
                          {c.text_encoder for c in configs})
     rows = []

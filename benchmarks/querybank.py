@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from crossalign.align.querybank import bank_normaliser
-from crossalign.config import ExtractConfig, TrainConfig
+from crossalign.config import CorpusConfig, ExtractConfig, TrainConfig
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.extract import extract_image_features, extract_text_features
 from crossalign.search import Searcher
@@ -48,11 +48,10 @@ def build(workspace: Workspace, corpus_root: Path, corpus: str) -> None:
     from crossalign.align import fit_mapper
 
     extract = ExtractConfig()
-    ingest_corpus(corpus_root, workspace, corpus)
-    extract_image_features(workspace, corpus, extract.image_encoder)
-    extract_text_features(workspace, corpus, extract.text_encoder)
-    options = TrainConfig().model_dump(exclude={"train_split", "eval_split"})
-    summary = fit_mapper(workspace, corpus, extract.image_encoder, extract.text_encoder, **options)
+    ingest_corpus(CorpusConfig(root=corpus_root, name=corpus), workspace)
+    extract_image_features(workspace, corpus, extract)
+    extract_text_features(workspace, corpus, extract)
+    summary = fit_mapper(workspace, corpus, extract.image_encoder, extract.text_encoder, TrainConfig())
     print(f"mapper {summary.mapper_id}: dev rsum {summary.metrics['rsum']:.1f} (raw {summary.metrics['rsum_raw']:.1f})")
     embedded = embed_corpus(workspace, corpus)
     print(f"tables: {embedded.images_in_table} images, {embedded.captions_in_table} captions; normalisers of "

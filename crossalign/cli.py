@@ -10,22 +10,51 @@ import json
 import logging
 import os
 import sys
-import traceback
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, Optional, get_args
 
 import typer
-from pydantic import ValidationError
 
+from crossalign.cli_common import (
+    CORPUS,
+    EXTRACT,
+    QUERYBANK,
+    RETRAIN,
+    RUNNER,
+    STORE,
+    TRAIN,
+    WORKSPACE,
+    BatchSize_,
+    Compile_,
+    Corpus_,
+    DaskAddress_,
+    Decode_,
+    Device_,
+    Dim_,
+    EvalSplit,
+    Format,
+    Heads_,
+    ImageEncoder_,
+    InputDropout_,
+    Loss_,
+    Lr_,
+    Normalise_,
+    Precision_,
+    Runner_,
+    Steps_,
+    TextEncoder_,
+    TrainSplit,
+    Workspace_,
+    console,
+    friendly,
+    preflight,
+    run_flow,
+)
 from crossalign.config import (
-    CORPUS_FORMATS,
     CorpusConfig,
     ExtractConfig,
     Metric,
     PipelineConfig,
-    Precision,
     QueryBankConfig,
     RunnerConfig,
     StoreConfig,
@@ -37,110 +66,13 @@ app = typer.Typer(
     help="Align images and text in one embedding space: ingest, extract, train, embed, search.",
 )
 
-Workspace_ = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace directory (all tables).")]
-Corpus_ = Annotated[Path, typer.Option("--corpus", "-c", help="Corpus folder holding captions.jsonl and images.")]
-TrainSplit = Annotated[str, typer.Option(help="Split to train on.")]
-EvalSplit = Annotated[str, typer.Option(help="Split to select the mapper on and report.")]
-# The extraction and training options, shared by `run` and the stage commands (`extract`, `train`).
-ImageEncoder_ = Annotated[str, typer.Option(
-    help="efficientnet-lite0, efficientnet-lite2, torchvision:<model>\\[@weights]; +flip averages over the "
-    "mirror image; a,b concatenates several")]
-TextEncoder_ = Annotated[str, typer.Option(help="minilm-l6, mpnet-base, hf:<model id or dir>\\[#cls]; a,b concatenates "
-                                               "several")]
-Device_ = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
-Precision_ = Annotated[str, typer.Option(help=", ".join(get_args(Precision)))]
-Compile_ = Annotated[str, typer.Option(
-    help="torch.compile the image encoder: auto (on the CPU for 5,000+ images), on, off")]
-Decode_ = Annotated[str, typer.Option(
-    help="Image decoding: auto (threads on the CPU, processes on CUDA), threads, processes, or on the GPU: "
-    "nvjpeg, nvimgcodec.")]
-Runner_ = Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")]
-DaskAddress_ = Annotated[Optional[str], typer.Option(
-    help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")]
-Steps_ = Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")]
-Loss_ = Annotated[str, typer.Option(help="infonce, vsepp or margin (the reference).")]
-Lr_ = Annotated[float, typer.Option(help="Peak learning rate of the mapper.")]
-InputDropout_ = Annotated[float, typer.Option(help="Dropout on the standardised input features.")]
-Dim_ = Annotated[int, typer.Option(help="Joint embedding dimension (split evenly between --heads).")]
-BatchSize_ = Annotated[int, typer.Option(help="Training batch (pairs per step).")]
-Heads_ = Annotated[int, typer.Option(help="An ensemble in one mapper: this many linear maps, trained one after "
-                                          "the other, their joint vectors concatenated.")]
-Normalise_ = Annotated[str, typer.Option(
-    "--normalise", help="Scores of text -> image and image -> text: inverted_softmax (against the mapper's query "
-    "bank, against hubs), dynamic (QB-Norm), or none (raw cosine).")]
-# Every option default is read from the config (never repeated here).
-CORPUS = CorpusConfig(root=".")
-EXTRACT = ExtractConfig()
-TRAIN = TrainConfig()
-QUERYBANK = QueryBankConfig()
-STORE = StoreConfig()
-RUNNER = RunnerConfig()
-WORKSPACE: Path = PipelineConfig.model_fields["workspace"].default
-RETRAIN: bool = PipelineConfig.model_fields["retrain"].default
-_console = {"debug": False}  # set by the `--debug` option, for the command that follows
-
-
 @app.callback()
 def _console_options(
     debug: Annotated[bool, typer.Option(
         "--debug", help="Show tracebacks on the console: of an error, and Prefect's records of a failed run (which "
         "its run logs always keep); so does PREFECT_LOGGING_LEVEL=DEBUG.")] = False,
 ) -> None:
-    _console["debug"] = debug or os.environ.get("PREFECT_LOGGING_LEVEL", "").upper() == "DEBUG"
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from crossalign.align import MapperMismatchError
-    from crossalign.corpus.folder import CorpusConfigError
-    from crossalign.encoders import WeightsUnavailableError
-    from crossalign.extract import FeatureMismatchError
-    from crossalign.search import QueryError
-    from crossalign.store import StoreMismatchError
-    from crossalign.workspace import WorkspaceError
-
-    return (CorpusConfigError, WorkspaceError, QueryError, MapperMismatchError, FeatureMismatchError,
-            StoreMismatchError, WeightsUnavailableError, ValidationError, ValueError, FileNotFoundError)
-
-
-def _friendly(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn the errors a user can cause into one line on stderr and exit code 2."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except _user_errors() as err:
-            if _console["debug"]:
-                traceback.print_exc()
-            message = str(err).splitlines()[0] if not isinstance(err, ValidationError) else _validation(err)
-            typer.secho(f"error: {message}", err=True, fg="red")
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _preflight(config: PipelineConfig, *stages: str) -> None:
-    """Fail before any work, as the flows' first task would (`crossalign.preflight.check_config`): for `stages`,
-    or for the whole pipeline's."""
-    from crossalign.preflight import STAGES, check_config
-
-    check_config(config, stages or STAGES)
-
-
-def _run_flow(flow: Callable[[PipelineConfig], Any], config: PipelineConfig) -> Any:
-    """Run `flow`; a failure's records stay in the run's logs, off the console, unless `--debug`."""
-    from flows.console import quiet_run_failures
-
-    quiet_run_failures(not _console["debug"])
-    return flow(config)
-
-
-def _validation(err: ValidationError) -> str:
-    first = err.errors()[0]
-    return f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-
-
-Format = Annotated[str, typer.Option("--format", help="auto, " + ", ".join(CORPUS_FORMATS))]
+    console["debug"] = debug or os.environ.get("PREFECT_LOGGING_LEVEL", "").upper() == "DEBUG"
 
 
 def _config(corpus: Path, workspace: Path, fmt: str = CORPUS.format, train_split: str = TRAIN.train_split,
@@ -155,7 +87,7 @@ def _config(corpus: Path, workspace: Path, fmt: str = CORPUS.format, train_split
 
 
 @app.command()
-@_friendly
+@friendly
 def run(
     corpus: Corpus_, workspace: Workspace_ = WORKSPACE, train_split: TrainSplit = TRAIN.train_split,
     eval_split: EvalSplit = TRAIN.eval_split, fmt: Format = CORPUS.format, steps: Steps_ = TRAIN.steps,
@@ -177,10 +109,10 @@ def run(
                             "heads": heads, "batch_size": batch_size},
                      retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
-    _preflight(config)
+    preflight(config)
     from flows.pipeline import pipeline
 
-    _print_run(_run_flow(pipeline, config), config)
+    _print_run(run_flow(pipeline, config), config)
 
 
 def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
@@ -209,7 +141,7 @@ def _print_run(result: dict[str, Any], config: PipelineConfig) -> None:
 
 
 @app.command()
-@_friendly
+@friendly
 def evaluate(
     corpus: Corpus_, workspace: Workspace_ = WORKSPACE,
     split: Annotated[str, typer.Option(help="Corpus split to evaluate on.")] = TRAIN.eval_split,
@@ -229,9 +161,11 @@ def evaluate(
     ws = Workspace(workspace)
     mapper = current_mapper(ws).config()
     corpus_config = CorpusConfig(root=corpus, format=fmt)
-    ingest_corpus(corpus_config.root, ws, corpus_config.corpus_name, fmt=corpus_config.format)
-    extract_image_features(ws, corpus_config.corpus_name, mapper["image_encoder"]["encoder"], split=split)
-    extract_text_features(ws, corpus_config.corpus_name, mapper["text_encoder"]["encoder"], split=split)
+    ingest_corpus(corpus_config, ws)
+    encoders = ExtractConfig(image_encoder=mapper["image_encoder"]["encoder"],
+                             text_encoder=mapper["text_encoder"]["encoder"])
+    extract_image_features(ws, corpus_config.corpus_name, encoders, split=split)
+    extract_text_features(ws, corpus_config.corpus_name, encoders, split=split)
     metrics = evaluate_current_mapper(ws, corpus_config.corpus_name, split, normalise)
     typer.echo(json.dumps(metrics) if as_json else metrics_table(metrics))
 
@@ -241,7 +175,7 @@ Target = Annotated[Optional[str], typer.Option(
 
 
 @app.command()
-@_friendly
+@friendly
 def search(
     query: Annotated[Optional[str], typer.Argument(help="Text query (or use --image).", show_default=False)] = None,
     workspace: Workspace_ = WORKSPACE,
@@ -302,7 +236,7 @@ app.add_typer(tables_app, name="tables")
 
 
 @tables_app.command("list")
-@_friendly
+@friendly
 def tables_list(
     workspace: Workspace_ = WORKSPACE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -323,7 +257,7 @@ def tables_list(
 
 
 @tables_app.command("cleanup")
-@_friendly
+@friendly
 def tables_cleanup(workspace: Workspace_ = WORKSPACE) -> None:
     """Compact the tables and delete every old version, older mappers' vectors included."""
     from crossalign.store import cleanup_tables
@@ -338,18 +272,18 @@ def tables_cleanup(workspace: Workspace_ = WORKSPACE) -> None:
 
 
 @app.command()
-@_friendly
+@friendly
 def ingest(corpus: Corpus_, workspace: Workspace_ = WORKSPACE, fmt: Format = CORPUS.format) -> None:
     """Ingest a corpus into the workspace's canonical tables (the `ingest` flow)."""
     from flows.ingest import ingest_flow
 
     config = _config(corpus, workspace, fmt)
-    _preflight(config, "ingest")
-    typer.echo(json.dumps(_run_flow(ingest_flow, config), indent=2, default=str))
+    preflight(config, "ingest")
+    typer.echo(json.dumps(run_flow(ingest_flow, config), indent=2, default=str))
 
 
 @app.command()
-@_friendly
+@friendly
 def extract(
     corpus: Corpus_, workspace: Workspace_ = WORKSPACE, fmt: Format = CORPUS.format,
     image_encoder: ImageEncoder_ = EXTRACT.image_encoder, text_encoder: TextEncoder_ = EXTRACT.text_encoder,
@@ -364,12 +298,12 @@ def extract(
                "compile": compile, "decode": decode}
     config = _config(corpus, workspace, fmt, extract=extract,
                      runner=RunnerConfig(kind=runner, dask_address=dask_address))
-    _preflight(config, "extract")
-    typer.echo(json.dumps(_run_flow(extract_flow, config), indent=2, default=str))
+    preflight(config, "extract")
+    typer.echo(json.dumps(run_flow(extract_flow, config), indent=2, default=str))
 
 
 @app.command()
-@_friendly
+@friendly
 def train(
     corpus: Corpus_, workspace: Workspace_ = WORKSPACE, train_split: TrainSplit = TRAIN.train_split,
     eval_split: EvalSplit = TRAIN.eval_split, fmt: Format = CORPUS.format,
@@ -389,12 +323,12 @@ def train(
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
                             "heads": heads, "batch_size": batch_size},
                      querybank=QueryBankConfig(method=normalise))
-    _preflight(config, "train")
-    typer.echo(json.dumps(_run_flow(train_flow, config), indent=2, default=str))
+    preflight(config, "train")
+    typer.echo(json.dumps(run_flow(train_flow, config), indent=2, default=str))
 
 
 @app.command()
-@_friendly
+@friendly
 def embed(
     corpus: Corpus_, workspace: Workspace_ = WORKSPACE, fmt: Format = CORPUS.format,
     mapper: Annotated[Optional[str], typer.Option(help="Embed with this mapper (default: the current one).")] = (
@@ -406,12 +340,12 @@ def embed(
     from flows.embed import embed_flow
 
     config = _config(corpus, workspace, fmt, store={"metric": metric, "mapper_id": mapper})
-    _preflight(config, "embed")
-    typer.echo(json.dumps(_run_flow(embed_flow, config), indent=2, default=str))
+    preflight(config, "embed")
+    typer.echo(json.dumps(run_flow(embed_flow, config), indent=2, default=str))
 
 
 @app.command("fashion-mnist")
-@_friendly
+@friendly
 def fashion_mnist(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the corpus to.")],
     train: Annotated[int, typer.Option(help="Training images (from the Fashion-MNIST train set).")] = 2000,
@@ -436,3 +370,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+import crossalign.serve.commands  # noqa: E402, F401  (registers `serve` and `classify`)

@@ -15,7 +15,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CorpusFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "flickr", "coco", "webdataset"]
 CORPUS_FORMATS: tuple[str, ...] = tuple(f for f in get_args(CorpusFormat) if f != "auto")  # the readable formats
 CompileMode = Literal["auto", "on", "off"]
-DecodeMode = Literal["auto", "threads", "processes", "nvjpeg", "nvimgcodec"]
+GpuDecodeMode = Literal["nvjpeg", "nvimgcodec"]  # decoding on the GPU (CUDA only)
+DecodeMode = Literal[Literal["auto", "threads", "processes"], GpuDecodeMode]  # nested Literals flatten
 Metric = Literal["cosine", "l2", "dot"]
 NormaliseMethod = Literal["none", "inverted_softmax", "dynamic"]
 
@@ -196,6 +197,12 @@ class RunnerConfig(_Section):
     )
     dask_workers: int = Field(
         default=2, gt=0, description="dask, new LocalCluster: worker processes (one task at a time each)."
+    )
+    dask_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="dask: the resources each extraction task holds on its worker, e.g. {'GPU': 1} with workers "
+        "started as `dask worker ... --resources GPU=1`: one extraction per GPU. A new LocalCluster's workers "
+        "declare them too.",
     )
 
     @model_validator(mode="after")

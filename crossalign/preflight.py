@@ -24,7 +24,8 @@ def check_config(config: PipelineConfig, stages: Collection[str] = STAGES) -> No
     - ingest: the corpus folder exists;
     - extract: the corpus folder exists and was ingested; each encoder is of its modality, and, when the
       shards run in this process (runner "threads"), loads here (its weights are on this machine; loads are
-      cached, so the shards reuse them); shards on Dask workers load them there, so here only the names
+      cached, so the shards reuse them) and matches the features it already has on disk (same precision,
+      weights, preprocessing, decoder); shards on Dask workers load them there, so here only the names
       are resolved (a worker without the weights fails its first shard, which is not retried);
     - train: both encoders' features of the corpus exist;
     - embed: the mapper to embed with (`config.store.mapper_id`, else the current one) exists, and the
@@ -37,6 +38,7 @@ def check_config(config: PipelineConfig, stages: Collection[str] = STAGES) -> No
         EncoderModalityError: an image encoder named as the text encoder, or the other way round.
         WeightsUnavailableError: an encoder's weights are not on this machine.
         MapperMismatchError: the features come from other encoders than the mapper's.
+        FeatureMismatchError: the features on disk were made by another setup of an encoder.
     """
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -47,7 +49,7 @@ def check_config(config: PipelineConfig, stages: Collection[str] = STAGES) -> No
     if "extract" in stages:
         if "ingest" not in stages:
             _check_ingested(workspace, corpus)
-        _check_encoders(config)
+        _check_encoders(config, workspace, corpus)
     if "train" in stages and "extract" not in stages:
         _check_features(workspace, corpus, [config.extract.image_encoder, config.extract.text_encoder])
     if "embed" in stages and "train" not in stages:
@@ -67,15 +69,16 @@ def _check_ingested(workspace: Workspace, corpus: str) -> None:
                              "run `crossalign ingest` (or `crossalign run`) first")
 
 
-def _check_encoders(config: PipelineConfig) -> None:
-    from crossalign.encoders import check_modality, load_encoder_for
+def _check_encoders(config: PipelineConfig, workspace: Workspace, corpus: str) -> None:
+    from crossalign.encoders import check_modality
+    from crossalign.extract.extract import check_features_match
 
     e = config.extract
+    if config.runner.kind == "threads":  # load them, as the shards will, and compare with the features on disk
+        check_features_match(workspace, corpus, e)
+        return
     for modality, name in (("image", e.image_encoder), ("text", e.text_encoder)):
-        if config.runner.kind == "threads":
-            load_encoder_for(modality, name, e.device, e.precision)
-        else:  # the device named may be the workers', not this machine's: load nothing here
-            check_modality(modality, name)
+        check_modality(modality, name)  # the device named may be the workers', not this machine's: load nothing
 
 
 def _check_features(workspace: Workspace, corpus: str, encoders: list[str]) -> None:

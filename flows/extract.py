@@ -8,13 +8,9 @@ from prefect import flow, unmapped
 from prefect.futures import PrefectFuture
 
 from crossalign.config import PipelineConfig
-from crossalign.extract.plan import MODALITIES
+from crossalign.extract.plan import MODALITIES, ShardsFailedError
 from flows import tasks
 from flows.runners import GPU_TAG, task_runner_for
-
-
-class ShardsFailedError(RuntimeError):
-    """Some extraction shards failed after their retry; the others are recorded."""
 
 
 @flow(name="extract-shards")

@@ -82,11 +82,7 @@ def preflight(config: PipelineConfig, stages: list[str]) -> None:
 
 @task(name="ingest")
 def ingest(config: PipelineConfig) -> dict[str, Any]:
-    c = config.corpus
-    summary = ingest_corpus(c.root, _workspace(config), c.corpus_name, c.captions_file, c.default_split,
-                            c.max_pixels, c.max_caption_chars, fmt=c.format, image_column=c.image_column,
-                            caption_column=c.caption_column, split_column=c.split_column,
-                            unlisted_split=c.unlisted_split).to_dict()
+    summary = ingest_corpus(config.corpus, _workspace(config)).to_dict()
     reasons = "".join(f"| {reason} | {n} |\n" for reason, n in sorted(summary["rejects_by_reason"].items()))
     create_markdown_artifact(
         key="ingest-summary", description="Ingest: accepted, normalised and rejected items",
@@ -132,15 +128,9 @@ def extract_shard(config: PipelineConfig, modality: str, number: int, ids: list[
 
     Runs on a thread or a Dask worker alike: it gets names and paths only; the encoder is loaded once per process.
     """
-    e, workspace, corpus, started = config.extract, _workspace(config), config.corpus.corpus_name, time.time()
-    if modality == "image":
-        summary = extract_image_features(
-            workspace, corpus, e.image_encoder, device=e.device, precision=e.precision, batch_size=e.image_batch_size,
-            shard_size=e.shard_size, num_workers=e.num_workers, decode=e.decode, only_ids=ids, compile=e.compile,
-        )
-    else:
-        summary = extract_text_features(workspace, corpus, e.text_encoder, device=e.device, precision=e.precision,
-                                        batch_size=e.text_batch_size, shard_size=e.shard_size, only_ids=ids)
+    started = time.time()
+    extract = extract_image_features if modality == "image" else extract_text_features
+    summary = extract(_workspace(config), config.corpus.corpus_name, config.extract, only_ids=ids)
     return {"summary": summary.to_dict(), "started": started, "finished": time.time(),
             "process": f"{socket.gethostname()}:{os.getpid()}"}
 
@@ -179,11 +169,8 @@ def mapper_outcome(choice: dict[str, Any], mapper_id: str) -> dict[str, Any]:
 
 @task(name="train-mapper")
 def train(config: PipelineConfig) -> dict[str, Any]:
-    t = config.train
-    options = t.model_dump(exclude={"train_split", "eval_split"})
     return fit_mapper(_workspace(config), config.corpus.corpus_name, config.extract.image_encoder,
-                      config.extract.text_encoder, train_split=t.train_split, eval_split=t.eval_split,
-                      querybank=config.querybank, **options).to_dict()
+                      config.extract.text_encoder, config.train, config.querybank).to_dict()
 
 
 @task(name="evaluate")

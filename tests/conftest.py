@@ -13,9 +13,11 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Library calls outside a flow run log without warning that they have no run to send logs to (as the CLI).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-import pytest
+import prefect  # noqa: F401 - Prefect builds its console log handlers on import: on the session's stderr here,
+import pytest  # not inside a CliRunner call, whose stderr is closed once the call returns
 from PIL import Image, ImageDraw
 
+from crossalign.config import CorpusConfig, ExtractConfig
 from crossalign.corpus import ingest_corpus
 from crossalign.extract import extract_image_features, extract_text_features
 from crossalign.workspace import Workspace
@@ -106,9 +108,11 @@ def write_tiny_corpus(root: Path, n_train: int = 8, n_dev: int = 4) -> Path:
 
 def ingest_and_extract(corpus_root: Path, workspace: Workspace, corpus: str = "tiny", shard_size: int = 4096) -> str:
     """Ingest `corpus_root` as `corpus` and extract image and text features (CPU, fp32, no workers)."""
-    ingest_corpus(corpus_root, workspace, corpus)
-    extract_image_features(workspace, corpus, IMAGE_ENCODER, num_workers=0, shard_size=shard_size, **ENCODER_RUNTIME)
-    extract_text_features(workspace, corpus, TEXT_ENCODER, shard_size=shard_size, **ENCODER_RUNTIME)
+    ingest_corpus(CorpusConfig(root=corpus_root, name=corpus), workspace)
+    extract_image_features(workspace, corpus, ExtractConfig(image_encoder=IMAGE_ENCODER, num_workers=0,
+                                                            shard_size=shard_size, **ENCODER_RUNTIME))
+    extract_text_features(workspace, corpus, ExtractConfig(text_encoder=TEXT_ENCODER, shard_size=shard_size,
+                                                           **ENCODER_RUNTIME))
     return corpus
 
 

@@ -29,6 +29,7 @@ from crossalign.align.mapper import check_encoder
 from crossalign.align.mapper_dir import list_mappers, load_querybank
 from crossalign.align.train import OneCaptionPerImageSampler, evaluate_mapper, train_mapper
 from crossalign.align.zeroshot import class_embeddings, zero_shot_accuracy
+from crossalign.config import TrainConfig
 from crossalign.corpus import read_captions, read_images
 from crossalign.encoders import load_encoder
 from crossalign.extract import FeatureManifest
@@ -374,7 +375,7 @@ def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[W
     workspace, corpus = features_copy
     assert workspace.current_mapper_id() is None
 
-    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
 
     directory = workspace.mapper_dir(summary.mapper_id)
     assert Path(summary.mapper_dir) == directory
@@ -388,7 +389,9 @@ def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[W
     assert (config["image_dim"], config["text_dim"]) == (1280, 384)
     assert config["trained_on"] == {"corpus": corpus, "split": "train"}
     assert config["selected_on"] == {"corpus": corpus, "split": "dev"}
-    assert config["train_options"] == TRAIN_OPTIONS and config["best_step"] == summary.best_step
+    options = TrainConfig(**TRAIN_OPTIONS).model_dump(exclude={"train_split", "eval_split", "method"})
+    assert config["train_options"] == options
+    assert config["best_step"] == summary.best_step
     saved = json.loads((directory / "metrics.json").read_text())
     assert saved["split"] == "dev" and saved["rsum"] == summary.metrics["rsum"]
     assert saved["history"] == summary.history
@@ -415,9 +418,9 @@ def test_fit_mapper_saves_the_mapper_and_makes_it_current(features_copy: tuple[W
 def test_fit_mapper_twice_gives_the_same_mapper(features_copy: tuple[Workspace, str]) -> None:
     workspace, corpus = features_copy
 
-    first = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
-    second = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
-    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 11})
+    first = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
+    second = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
+    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 11}))
 
     assert first.mapper_id == second.mapper_id != other.mapper_id
     assert workspace.current_mapper_id() == other.mapper_id
@@ -433,7 +436,7 @@ def test_evaluating_without_a_mapper_raises(features_copy: tuple[Workspace, str]
 
 def test_evaluating_features_of_other_encoders_raises(features_copy: tuple[Workspace, str]) -> None:
     workspace, corpus = features_copy
-    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "steps": 10})
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "steps": 10}))
     directory = workspace.features_dir(corpus, TEXT_ENCODER)
     manifest = FeatureManifest.load(directory)
     manifest.encoder = {**manifest.encoder, "weights_digest": "0000000000000000"}
@@ -479,7 +482,7 @@ def test_cca_dimension_is_capped_by_the_smaller_feature_size() -> None:
 def test_fit_mapper_with_cca_saves_a_mapper_that_evaluates_the_same(features_copy: tuple[Workspace, str]) -> None:
     workspace, corpus = features_copy
 
-    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, method="cca", dim=32)
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(method="cca", dim=32))
 
     _, config = load_mapper(workspace.require_current_mapper())
     assert (config["kind"], config["loss"], config["dim"], summary.best_step) == ("cca", None, 32, 0)
@@ -517,7 +520,7 @@ def test_mlp_mapper_trains_saves_and_loads(features_copy: tuple[Workspace, str])
     workspace, corpus = features_copy
     options = {**TRAIN_OPTIONS, "depth": 2, "hidden": 48, "dropout": 0.1}
 
-    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **options)
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**options))
 
     model, config = load_mapper(workspace.require_current_mapper())
     assert (config["kind"], config["depth"], config["hidden"], config["dim"]) == ("mlp", 2, 48, options["dim"])
@@ -534,7 +537,7 @@ def test_mapper_report_has_the_metrics_table_and_a_recall_plot(features_copy: tu
     from crossalign.align.report import recall_curves
 
     workspace, corpus = features_copy
-    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
     directory = Path(summary.mapper_dir)
 
     report = (directory / "report.md").read_text()
@@ -575,7 +578,7 @@ def test_a_mapper_of_several_heads_trains_saves_and_loads(features_copy: tuple[W
     workspace, corpus = features_copy
     options = {**TRAIN_OPTIONS, "heads": 2}
 
-    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **options)
+    summary = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**options))
 
     model, config = load_mapper(workspace.require_current_mapper())
     assert (config["heads"], config["dim"], model.heads) == (2, TRAIN_OPTIONS["dim"], 2)
@@ -588,7 +591,7 @@ def test_a_mapper_of_several_heads_trains_saves_and_loads(features_copy: tuple[W
     evaluated = evaluate_current_mapper(workspace, corpus, "dev")
     assert {key: evaluated[key] for key in summary.metrics} == pytest.approx(summary.metrics)
     with pytest.raises(ValueError, match="equal heads"):
-        fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "heads": 5})
+        fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "heads": 5}))
 
 
 def _paired_ws(workspace: Workspace, corpus: str, split: str) -> PairedFeatures:
@@ -619,7 +622,8 @@ def fitted_copy(features: tuple[Path, Workspace, str],
     _, original, corpus = features
     workspace = Workspace(shutil.copytree(original.root, tmp_path_factory.mktemp("reuse") / "ws"))
     options = {**TRAIN_OPTIONS, "steps": 20}
-    return workspace, corpus, fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **options).mapper_id, options
+    return workspace, corpus, fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER,
+                                         TrainConfig(**options)).mapper_id, options
 
 
 def test_the_same_training_configuration_reuses_the_mapper(fitted_copy) -> None:

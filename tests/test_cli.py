@@ -270,6 +270,34 @@ def test_extract_with_an_encoder_of_the_wrong_modality_fails_before_any_task_run
     assert sorted(path.name for path in (workspace / "features" / "corpus").iterdir()) == features
 
 
+def test_extract_over_features_of_another_encoder_setup_fails_before_any_task_runs(cli_workspace, tmp_path):
+    """Every shard would refuse them (FeatureMismatchError): the pre-flight refuses them first, in one line."""
+    import json
+    import shutil
+
+    from prefect import get_client
+
+    corpus, workspace, _ = cli_workspace
+    shutil.copytree(workspace, tmp_path / "ws")
+    manifest_path = min((tmp_path / "ws" / "features" / "corpus").glob("*/_manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["encoder"]["weights_digest"] = "0123456789abcdef"
+    manifest["shards"].pop()  # work for a run to do
+    manifest_path.write_text(json.dumps(manifest))
+    with get_client(sync_client=True) as client:
+        runs_before = client.count_flow_runs()
+
+    result = runner.invoke(app, ["extract", "--corpus", str(corpus), "--workspace", str(tmp_path / "ws")])
+
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"error: {manifest_path.parent} holds features of a different encoder setup (differs in: weights_digest); "
+        "use another workspace or remove that directory to re-extract"]
+    with get_client(sync_client=True) as client:
+        assert client.count_flow_runs() == runs_before
+    assert json.loads(manifest_path.read_text()) == manifest
+
+
 def test_a_user_error_inside_a_run_is_one_line_and_its_traceback_stays_in_the_run_logs(prefect_backend, tmp_path):
     """A corpus file the ingest task refuses (no caption column): the console shows the CLI's one line, and
     Prefect's records of the failure, tracebacks included, are in the run's logs (the UI), not on the console."""

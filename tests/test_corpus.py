@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import draw_picture, read_records, write_picture, write_records
 
+from crossalign.config import CorpusConfig
 from crossalign.corpus import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, ingest_corpus, read_captions, read_images
 from crossalign.corpus.folder import CorpusConfigError
 from crossalign.workspace import Workspace, WorkspaceError
@@ -31,7 +32,7 @@ def sha256_file(path: Path) -> str:
 
 
 def test_ingest_writes_three_tables_with_their_schemas_and_counts(tiny_corpus: Path, workspace: Workspace) -> None:
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert (summary.images, summary.captions, summary.rejected) == (TINY_IMAGES, TINY_CAPTIONS, 0)
     assert summary.splits == {"train": 8, "dev": 4}
@@ -47,7 +48,7 @@ def test_ingest_writes_three_tables_with_their_schemas_and_counts(tiny_corpus: P
 
 
 def test_image_rows_describe_the_files(tiny_corpus: Path, workspace: Workspace) -> None:
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     rows = {Path(row["uri"]).name: row for row in read_images(workspace, CORPUS).to_pylist()}
     img, *_ = draw_picture(5)
@@ -59,7 +60,7 @@ def test_image_rows_describe_the_files(tiny_corpus: Path, workspace: Workspace) 
 
 
 def test_ids_are_derived_from_content(tiny_corpus: Path, workspace: Workspace) -> None:
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     images = read_images(workspace, CORPUS).to_pylist()
     for row in images:
@@ -75,7 +76,7 @@ def test_ids_are_derived_from_content(tiny_corpus: Path, workspace: Workspace) -
 
 def test_ids_do_not_depend_on_file_names_or_order(tiny_corpus: Path, tmp_path: Path) -> None:
     first, second = Workspace(tmp_path / "ws1"), Workspace(tmp_path / "ws2")
-    ingest_corpus(tiny_corpus, first, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), first)
     moved = tmp_path / "moved"
     shutil.copytree(tiny_corpus, moved)
     records = read_records(moved)
@@ -84,7 +85,7 @@ def test_ids_do_not_depend_on_file_names_or_order(tiny_corpus: Path, tmp_path: P
         os.replace(moved / record["image"], moved / new)
         record["image"] = new
     write_records(moved, records[::-1])
-    ingest_corpus(moved, second, CORPUS)
+    ingest_corpus(CorpusConfig(root=moved, name=CORPUS), second)
 
     for read, key in ((read_images, "image_id"), (read_captions, "caption_id")):  # rows keep the input order
         before, after = (read(ws, CORPUS).drop_columns(["uri"] if read is read_images else []).sort_by(key)
@@ -93,14 +94,14 @@ def test_ids_do_not_depend_on_file_names_or_order(tiny_corpus: Path, tmp_path: P
 
 
 def test_reingest_is_idempotent_and_leaves_files_untouched(tiny_corpus: Path, workspace: Workspace) -> None:
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
     tables = [workspace.images_table(CORPUS), workspace.captions_table(CORPUS), workspace.rejects_table(CORPUS)]
     before = {path: pq.read_table(path) for path in tables}
     old = 1_000_000_000_000_000_000  # 2001: any rewrite would give the file a current mtime
     for path in tables:
         os.utime(path, ns=(old, old))
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert (summary.images, summary.captions) == (TINY_IMAGES, TINY_CAPTIONS)
     for path in tables:
@@ -110,10 +111,10 @@ def test_reingest_is_idempotent_and_leaves_files_untouched(tiny_corpus: Path, wo
 
 
 def test_changed_corpus_rewrites_the_tables(tiny_corpus: Path, workspace: Workspace) -> None:
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
     write_records(tiny_corpus, [write_picture(tiny_corpus, 40, "train")], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert summary.images == TINY_IMAGES + 1
     assert read_images(workspace, CORPUS).num_rows == TINY_IMAGES + 1
@@ -177,7 +178,7 @@ def test_bad_image_becomes_a_reject_and_the_rest_ingests(
     source = make_bad_image(tiny_corpus)
     write_records(tiny_corpus, [{"image": source, "captions": ["a broken picture"], "split": "train"}], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert [(r["kind"], r["source"], r["reason"]) for r in rejects(workspace)] == [("image", source, reason)]
     assert summary.rejects_by_reason == {reason: 1}
@@ -186,7 +187,7 @@ def test_bad_image_becomes_a_reject_and_the_rest_ingests(
 
 
 def test_too_many_pixels_is_rejected(tiny_corpus: Path, workspace: Workspace) -> None:
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS, max_pixels=100 * 100)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS, max_pixels=100 * 100), workspace)
 
     # Every tiny picture is at least 96 x 96; those over 10,000 pixels are rejected, the rest kept.
     sizes = [draw_picture(i)[0].size for i in range(TINY_IMAGES)]
@@ -204,7 +205,7 @@ def test_empty_caption_is_rejected_and_the_image_keeps_its_good_caption(
     record["captions"] = [blank, "a lonely yellow square"]
     write_records(tiny_corpus, [record], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert [(r["kind"], r["reason"]) for r in rejects(workspace)] == [("caption", "empty_caption")]
     assert summary.images == TINY_IMAGES + 1
@@ -218,7 +219,7 @@ def test_caption_that_is_not_text_is_rejected(tiny_corpus: Path, workspace: Work
     record["captions"] = [42, None, "a fine caption"]
     write_records(tiny_corpus, [record], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert summary.rejects_by_reason == {"caption_not_text": 2}
     assert summary.captions == TINY_CAPTIONS + 1
@@ -230,7 +231,7 @@ def test_captions_are_normalised_and_long_ones_truncated(tiny_corpus: Path, work
     write_records(tiny_corpus, [record], mode="a")
 
     # 60 characters: longer than any caption of the tiny corpus, so only the "x" caption is truncated.
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS, max_caption_chars=60)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS, max_caption_chars=60), workspace)
 
     image_id = sha256_file(tiny_corpus / record["image"])[:32]
     texts = sorted(r["text"] for r in read_captions(workspace, CORPUS).to_pylist() if r["image_id"] == image_id)
@@ -246,7 +247,7 @@ def test_duplicate_bytes_under_two_names_collapse_into_one_image(tiny_corpus: Pa
     write_records(tiny_corpus, [{"image": "images/copy_of_pic000.jpg", "split": "train",
                                  "captions": [new_caption, original["captions"][1]]}], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert summary.images == TINY_IMAGES
     assert summary.rejected == 0
@@ -262,7 +263,7 @@ def test_duplicate_bytes_in_another_split_is_rejected(tiny_corpus: Path, workspa
     write_records(tiny_corpus, [{"image": "images/copy_of_pic000.jpg", "split": "dev",
                                  "captions": ["a dev caption of a train picture"]}], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert summary.rejects_by_reason == {"duplicate_in_other_split": 1}
     assert summary.splits == {"train": 8, "dev": 4}
@@ -274,7 +275,7 @@ def test_same_caption_twice_is_kept_once(tiny_corpus: Path, workspace: Workspace
     record["captions"] = ["a dog on a beach", "a dog on a beach", "a  dog on a beach "]
     write_records(tiny_corpus, [record], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     image_id = sha256_file(tiny_corpus / record["image"])[:32]
     rows = [r for r in read_captions(workspace, CORPUS).to_pylist() if r["image_id"] == image_id]
@@ -293,7 +294,7 @@ def test_image_listed_twice_in_the_captions_file_is_one_image_with_both_lines_ca
     again = {**record, "captions": ["a wet dog", "a dog running by the sea"]}  # the same id, a second line
     write_records(tiny_corpus, [record, again], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     image_id = sha256_file(tiny_corpus / record["image"])[:32]
     image_rows = [r for r in read_images(workspace, CORPUS).to_pylist() if r["image_id"] == image_id]
@@ -319,7 +320,7 @@ def test_bad_line_becomes_a_bad_record_reject(tiny_corpus: Path, workspace: Work
     with (tiny_corpus / "captions.jsonl").open("ab") as out:
         out.write(line)
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     rows = rejects(workspace)
     assert [(r["kind"], r["reason"], r["source"]) for r in rows] == [
@@ -332,14 +333,14 @@ def test_single_caption_string_and_missing_split_are_accepted(tiny_corpus: Path,
     record = write_picture(tiny_corpus, 24, "ignored")
     write_records(tiny_corpus, [{"image": record["image"], "caption": "just one caption"}], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS, default_split="extra")
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS, default_split="extra"), workspace)
 
     assert summary.splits == {"train": 8, "dev": 4, "extra": 1}
     assert read_captions(workspace, CORPUS, "extra").column("text").to_pylist() == ["just one caption"]
 
 
 def test_corpus_name_defaults_to_the_folder_name(tiny_corpus: Path, workspace: Workspace) -> None:
-    summary = ingest_corpus(tiny_corpus, workspace)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus), workspace)
 
     assert summary.corpus == tiny_corpus.name
     assert workspace.images_table(tiny_corpus.name).exists()
@@ -349,19 +350,20 @@ def test_missing_captions_file_raises_before_any_work(tiny_corpus: Path, workspa
     (tiny_corpus / "captions.jsonl").unlink()
 
     with pytest.raises(CorpusConfigError, match="captions file"):
-        ingest_corpus(tiny_corpus, workspace, CORPUS)
+        ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
     assert not workspace.corpus_dir(CORPUS).exists()
 
 
 def test_other_captions_file_name_is_used(tiny_corpus: Path, workspace: Workspace) -> None:
     os.replace(tiny_corpus / "captions.jsonl", tiny_corpus / "labels.jsonl")
 
-    assert ingest_corpus(tiny_corpus, workspace, CORPUS, captions_file="labels.jsonl").images == TINY_IMAGES
+    assert ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS, captions_file="labels.jsonl"),
+                         workspace).images == TINY_IMAGES
 
 
 def test_missing_root_raises_before_any_work(tmp_path: Path, workspace: Workspace) -> None:
     with pytest.raises(CorpusConfigError, match="not a readable directory"):
-        ingest_corpus(tmp_path / "no-such-corpus", workspace, CORPUS)
+        ingest_corpus(CorpusConfig(root=tmp_path / "no-such-corpus", name=CORPUS), workspace)
     assert not workspace.root.exists()
 
 
@@ -374,7 +376,7 @@ def test_caption_not_valid_utf8_is_rejected_alone(tiny_corpus: Path, workspace: 
     with (tiny_corpus / "captions.jsonl").open("ab") as out:
         out.write(b'{"image": "images/pic000.jpg", "captions": ["caf\xe9 latin-1", "a fine caption"]}\n')
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     rows = rejects(workspace)
     assert [(r["kind"], r["reason"]) for r in rows] == [("caption", "caption_not_utf8")]
@@ -383,7 +385,7 @@ def test_caption_not_valid_utf8_is_rejected_alone(tiny_corpus: Path, workspace: 
 
 
 def test_reingest_reports_added_and_removed_images(tiny_corpus: Path, workspace: Workspace) -> None:
-    first = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    first = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
     assert (first.added, first.removed) == (TINY_IMAGES, 0)
     records = read_records(tiny_corpus)
     gone = records[0]
@@ -392,7 +394,7 @@ def test_reingest_reports_added_and_removed_images(tiny_corpus: Path, workspace:
     write_records(tiny_corpus, records[1:] + [write_picture(tiny_corpus, 30, "train"),
                                                write_picture(tiny_corpus, 31, "train")])
 
-    second = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    second = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert (second.images, second.added, second.removed) == (TINY_IMAGES + 1, 2, 1)
     assert second.removed_ids == [gone_id]

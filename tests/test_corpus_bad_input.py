@@ -20,7 +20,7 @@ from conftest import draw_picture, write_picture, write_records, write_tiny_corp
 from crossalign.config import CorpusConfig
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.corpus.accounting import IngestAccountingError, Ledger
-from crossalign.corpus.formats import ReaderOptions, detect_format
+from crossalign.corpus.formats import detect_format
 from crossalign.workspace import Workspace
 
 CORPUS = "tiny"
@@ -101,7 +101,7 @@ def test_unreadable_path_is_a_reject_naming_file_and_cause(tiny_corpus, workspac
     for source in sources:
         append_image_record(tiny_corpus, source)
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     rows = rejects(workspace)
     assert [(r["kind"], r["reason"]) for r in rows] == [("image", "unreadable_path")] * len(sources)
@@ -120,7 +120,7 @@ def test_permission_denied_is_an_unreadable_path(tiny_corpus, workspace):
     (tiny_corpus / "images/secret.jpg").chmod(0)
     append_image_record(tiny_corpus, "images/secret.jpg")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert [(r["reason"], "permission denied" in r["message"]) for r in rejects(workspace)] == [
         ("unreadable_path", True)]
@@ -131,7 +131,7 @@ def test_symlink_inside_the_root_is_followed(tiny_corpus, workspace):
     (tiny_corpus / "images/alias.jpg").symlink_to("pic000.jpg")
     append_image_record(tiny_corpus, "images/alias.jpg", "the red circle again")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert summary.rejected == 0 and summary.images == TINY_IMAGES
     assert summary.normalised_by_reason == {"duplicate_image_merged": 1}
@@ -147,7 +147,7 @@ def test_jsonl_with_a_byte_order_mark_keeps_its_first_record(tiny_corpus, worksp
     lines = (tiny_corpus / "captions.jsonl").read_text().splitlines()
     (tiny_corpus / "captions.jsonl").write_bytes(b"\xef\xbb\xbf" + newline.join(lines).encode() + newline.encode())
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     assert (summary.images, summary.captions, summary.rejected) == (TINY_IMAGES, TINY_CAPTIONS, 0)
     assert_balanced(summary)
@@ -163,7 +163,8 @@ def test_table_with_a_byte_order_mark_reads_its_header(tmp_path, fmt, sep, newli
     (corpus / f"captions.{fmt}").write_bytes(b"\xef\xbb\xbf" + text.encode())
     workspace = Workspace(tmp_path / "ws")
 
-    summary = ingest_corpus(corpus, workspace, "t")  # format auto: captions.csv / captions.tsv found
+    # format auto: captions.csv / captions.tsv found
+    summary = ingest_corpus(CorpusConfig(root=corpus, name="t"), workspace)
 
     assert (summary.images, summary.captions, summary.rejected) == (3, sum(len(r["captions"]) for r in rows), 0)
     assert summary.splits == {"train": 2, "dev": 1}
@@ -178,7 +179,7 @@ def test_header_declaring_sixty_thousand_squared_pixels_is_too_many_pixels(tiny_
     (tiny_corpus / "images/bomb.png").write_bytes(png_header(60_000, 60_000) + rest)
     append_image_record(tiny_corpus, "images/bomb.png")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     [row] = rejects(workspace)
     assert (row["source"], row["reason"]) == ("images/bomb.png", "too_many_pixels")
@@ -193,7 +194,7 @@ def test_real_twelve_thousand_squared_png_is_too_many_pixels_with_the_configured
     append_image_record(tiny_corpus, "images/huge.png")
     limit = CorpusConfig(root=tiny_corpus, max_pixels=50_000_000).max_pixels
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS, max_pixels=limit)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS, max_pixels=limit), workspace)
 
     [row] = rejects(workspace)
     assert row["reason"] == "too_many_pixels"
@@ -208,7 +209,7 @@ def test_image_rejects_name_the_file_and_no_python_repr(tiny_corpus, workspace):
     for name in ("notes.jpg", "cut.png"):
         append_image_record(tiny_corpus, f"images/{name}")
 
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     rows = rejects(workspace)
     assert [r["reason"] for r in rows] == ["not_an_image", "undecodable"]
@@ -225,7 +226,7 @@ def test_control_characters_in_captions_are_replaced_and_recorded(tiny_corpus, w
     record["captions"] = ["a dog\x00on the\x07beach", "a\tdog\x1b[31m in red", "a plain caption"]
     write_records(tiny_corpus, [record], mode="a")
 
-    summary = ingest_corpus(tiny_corpus, workspace, CORPUS)
+    summary = ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     texts = read_captions(workspace, CORPUS).column("text").to_pylist()[-3:]
     assert texts == ["a dog on the beach", "a dog [31m in red", "a plain caption"]
@@ -249,7 +250,7 @@ def test_malformed_csv_rows_are_bad_records_and_the_other_rows_go_in(tmp_path):
         'images/pic000.jpg,"a quote left open at the end\n')
     workspace = Workspace(tmp_path / "ws")
 
-    summary = ingest_corpus(corpus, workspace, "csv")
+    summary = ingest_corpus(CorpusConfig(root=corpus, name="csv"), workspace)
 
     assert [(r["source"], r["reason"]) for r in rejects(workspace, "csv")] == [
         ("captions.csv:3", "bad_record"), ("captions.csv:4", "bad_record"), ("captions.csv:7", "bad_record")]
@@ -280,13 +281,13 @@ def test_flickr8k_original_layout_keeps_unlisted_images_out_of_train(tmp_path):
     write_flickr8k_original(root, {"train": [0, 1, 2], "dev": [3], "test": [4]}, unlisted=[5, 6])
     workspace = Workspace(tmp_path / "ws")
 
-    summary = ingest_corpus(root, workspace, "f8k")
+    summary = ingest_corpus(CorpusConfig(root=root, name="f8k"), workspace)
 
     assert summary.splits == {"train": 3, "dev": 1, "test": 1, "unlisted": 2}
     assert (summary.images, summary.captions, summary.rejected) == (7, 35, 0)
     assert read_captions(workspace, "f8k").column("text").to_pylist()[0] == "A picture number 0 , caption 0 ."
     assert_balanced(summary)
-    other = ingest_corpus(root, workspace, "f8k-extra", unlisted_split="restval")
+    other = ingest_corpus(CorpusConfig(root=root, name="f8k-extra", unlisted_split="restval"), workspace)
     assert other.splits["restval"] == 2 and "unlisted" not in other.splits
 
 
@@ -296,7 +297,7 @@ def test_flickr_lines_without_a_tab_are_bad_records(tmp_path):
     with (root / "Flickr8k.token.txt").open("a") as token:
         token.write("0.jpg#5 a caption without its tab\n")
 
-    summary = ingest_corpus(root, Workspace(tmp_path / "ws"), "f8k")
+    summary = ingest_corpus(CorpusConfig(root=root, name="f8k"), Workspace(tmp_path / "ws"))
 
     assert summary.rejects_by_reason == {"bad_record": 1} and summary.captions == 5
     assert_balanced(summary)
@@ -313,7 +314,7 @@ def test_coco_annotations_of_unknown_or_missing_images_are_rejects(tmp_path):
     (root / "captions_train2017.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
     workspace = Workspace(tmp_path / "ws")
 
-    summary = ingest_corpus(root, workspace, "coco")
+    summary = ingest_corpus(CorpusConfig(root=root, name="coco"), workspace)
 
     assert [(r["source"], r["reason"]) for r in rejects(workspace, "coco")] == [
         ("captions_train2017.json:annotation 12", "no_image_id"),
@@ -338,7 +339,7 @@ def test_broken_tar_shard_is_a_reject_and_the_other_shards_go_in(tmp_path):
     (root / "00001.tar").write_bytes(good[:1536])  # cut inside the first member's data
     (root / "00002.tar").write_bytes(b"this is no tar at all" * 40)
 
-    summary = ingest_corpus(root, Workspace(tmp_path / "ws"), "wds")
+    summary = ingest_corpus(CorpusConfig(root=root, name="wds"), Workspace(tmp_path / "ws"))
 
     assert summary.images == 2 and summary.rejects_by_reason.get("bad_shard") == 2
     assert_balanced(summary)
@@ -356,10 +357,10 @@ def _jpeg(index: int) -> bytes:
 @pytest.mark.parametrize("fmt", ["csv", "tsv"])
 def test_auto_detects_a_captions_table_when_exactly_one_layout_fits(tmp_path, fmt):
     (tmp_path / f"captions.{fmt}").write_text("image,caption\n")
-    assert detect_format(tmp_path, ReaderOptions()) == fmt
+    assert detect_format(tmp_path, CorpusConfig(root=tmp_path)) == fmt
     (tmp_path / "captions.tsv" if fmt == "csv" else tmp_path / "captions.csv").write_text("image,caption\n")
     with pytest.raises(ValueError, match="several formats fit .*csv, tsv"):
-        detect_format(tmp_path, ReaderOptions())
+        detect_format(tmp_path, CorpusConfig(root=tmp_path))
 
 
 def test_ledger_that_does_not_balance_fails_loudly():
@@ -409,4 +410,4 @@ def test_corpus_file_linked_outside_the_root_is_refused_unread(tmp_path, name):
     (root / name).symlink_to(outside / name)
 
     with pytest.raises(ValueError, match="outside the corpus root"):
-        ingest_corpus(root, Workspace(tmp_path / "ws"), "c")
+        ingest_corpus(CorpusConfig(root=root, name="c"), Workspace(tmp_path / "ws"))

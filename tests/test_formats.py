@@ -12,10 +12,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import draw_picture, write_tiny_corpus
+from pydantic import ValidationError
 
+from crossalign.config import CorpusConfig
 from crossalign.corpus import ingest_corpus, read_captions, read_images
 from crossalign.corpus.folder import CorpusConfigError
-from crossalign.corpus.formats import ReaderOptions, detect_format
+from crossalign.corpus.formats import detect_format
 from crossalign.workspace import Workspace
 
 FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -53,7 +55,7 @@ def reference(tmp_path: Path) -> tuple[Path, Workspace]:
     """The tiny corpus in the jsonl layout, ingested: the tables every other format must reproduce."""
     corpus = write_tiny_corpus(tmp_path / "jsonl", n_train=4, n_dev=2)
     workspace = Workspace(tmp_path / "ws")
-    ingest_corpus(corpus, workspace, "ref")
+    ingest_corpus(CorpusConfig(root=corpus, name="ref"), workspace)
     return corpus, workspace
 
 
@@ -66,15 +68,16 @@ def test_table_with_one_caption_per_row(reference, tmp_path, fmt, sep):
     corpus, workspace = reference
     rows = [{"img": r["image"], "text": c, "subset": r["split"]} for r in records(corpus) for c in r["captions"]]
     (corpus / f"captions.{fmt}").write_text(pd.DataFrame(rows).to_csv(sep=sep, index=False))
-    ingest_corpus(corpus, workspace, fmt, captions_file=f"captions.{fmt}", image_column="img",
-                  caption_column="text", split_column="subset")
+    ingest_corpus(CorpusConfig(root=corpus, name=fmt, captions_file=f"captions.{fmt}", image_column="img",
+                               caption_column="text", split_column="subset"), workspace)
     assert tables(workspace, fmt) == tables(workspace, "ref")
 
 
 def test_parquet_with_a_list_of_captions_per_image(reference):
     corpus, workspace = reference
     pd.DataFrame(records(corpus)).to_parquet(corpus / "captions.parquet")
-    ingest_corpus(corpus, workspace, "pq", captions_file="captions.parquet", caption_column="captions")
+    ingest_corpus(CorpusConfig(root=corpus, name="pq", captions_file="captions.parquet", caption_column="captions"),
+                  workspace)
     assert tables(workspace, "pq") == tables(workspace, "ref")
 
 
@@ -84,8 +87,8 @@ def test_parquet_with_embedded_image_bytes(reference, tmp_path):
              "text": r["captions"], "split": r["split"]} for r in records(corpus)]
     (tmp_path / "hf").mkdir()
     pd.DataFrame(rows).to_parquet(tmp_path / "hf" / "train-00000.parquet")
-    assert detect_format(tmp_path / "hf", ReaderOptions()) == "parquet"
-    ingest_corpus(tmp_path / "hf", workspace, "hf", caption_column="text")
+    assert detect_format(tmp_path / "hf", CorpusConfig(root=tmp_path / "hf")) == "parquet"
+    ingest_corpus(CorpusConfig(root=tmp_path / "hf", name="hf", caption_column="text"), workspace)
     assert tables(workspace, "hf") == tables(workspace, "ref")
     for row in read_images(workspace, "hf").to_pylist():  # stored once, inside the workspace
         assert Path(row["uri"]).is_relative_to(workspace.corpus_dir("hf") / "blobs") and Path(row["uri"]).is_file()
@@ -97,7 +100,7 @@ def test_webdataset_shards_give_the_same_ids(reference, tmp_path):
                for i, r in enumerate(records(corpus))]
     write_webdataset(tmp_path / "wds", samples)
     assert len(list((tmp_path / "wds").glob("*.tar"))) == 2
-    summary = ingest_corpus(tmp_path / "wds", workspace, "wds")
+    summary = ingest_corpus(CorpusConfig(root=tmp_path / "wds", name="wds"), workspace)
     assert tables(workspace, "wds") == tables(workspace, "ref")
     assert summary.rejected == 0
 
@@ -112,7 +115,7 @@ def test_unsafe_tar_members_are_rejected_and_never_written(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     workspace = Workspace(tmp_path / "ws")
-    summary = ingest_corpus(root, workspace, "wds")
+    summary = ingest_corpus(CorpusConfig(root=root, name="wds"), workspace)
     assert summary.images == 1 and summary.rejects_by_reason == {"unsafe_tar_member": 2}
     assert not (tmp_path / "evil.jpg").exists() and not Path("/abs/evil.jpg").exists()
 
@@ -130,7 +133,7 @@ def test_flickr_token_file_with_split_lists(reference, tmp_path):
     (root / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n")
     (root / "Flickr_8k.trainImages.txt").write_text("\n".join(splits["train"]) + "\n")
     (root / "Flickr_8k.devImages.txt").write_text("\n".join(splits["dev"]) + "\n")
-    ingest_corpus(root, workspace, "flickr")
+    ingest_corpus(CorpusConfig(root=root, name="flickr"), workspace)
     assert tables(workspace, "flickr") == tables(workspace, "ref")
 
 
@@ -141,7 +144,7 @@ def test_flickr30k_results_csv(tmp_path):
     (root / "results.csv").write_text("image_name| comment_number| comment\n1.jpg| 0| A red square .\n"
                                       "1.jpg| 1| Red | and square .\n")
     workspace = Workspace(tmp_path / "ws")
-    ingest_corpus(root, workspace, "f30k")
+    ingest_corpus(CorpusConfig(root=root, name="f30k"), workspace)
     assert sorted(r["text"] for r in read_captions(workspace, "f30k").to_pylist()) == [
         "A red square .", "Red | and square ."]
 
@@ -162,7 +165,7 @@ def test_coco_captions_json(reference, tmp_path):
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"captions_{split}2017.json").write_text(
             json.dumps({"images": images, "annotations": annotations}))
-    ingest_corpus(root, workspace, "coco")
+    ingest_corpus(CorpusConfig(root=root, name="coco"), workspace)
     assert tables(workspace, "coco") == tables(workspace, "ref")
 
 
@@ -178,7 +181,7 @@ def test_coco_duplicate_annotation_and_image_ids_keep_the_first_and_reject_the_r
     (root / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
     workspace = Workspace(tmp_path / "ws")
 
-    summary = ingest_corpus(root, workspace, "coco")
+    summary = ingest_corpus(CorpusConfig(root=root, name="coco"), workspace)
 
     ids = {n: hashlib.sha256(picture_bytes(n)).hexdigest()[:32] for n in (1, 2)}
     assert [(r["image_id"], r["split"]) for r in read_images(workspace, "coco").to_pylist()] == [
@@ -201,7 +204,7 @@ def test_flickr_duplicate_caption_number_keeps_the_first(tmp_path):
     (root / "Flickr8k.token.txt").write_text("1.jpg#0\tA red square .\n1.jpg#1\tA square .\n1.jpg#0\tRed again .\n")
     workspace = Workspace(tmp_path / "ws")
 
-    ingest_corpus(root, workspace, "flickr")
+    ingest_corpus(CorpusConfig(root=root, name="flickr"), workspace)
 
     assert [r["text"] for r in read_captions(workspace, "flickr").to_pylist()] == ["A red square .", "A square ."]
     assert pq.read_table(workspace.rejects_table("flickr")).to_pylist() == [
@@ -213,14 +216,18 @@ def test_ambiguous_layout_needs_an_explicit_format(reference, tmp_path):
     corpus, _ = reference
     write_webdataset(corpus, [("000000001", picture_bytes(1), ["a picture"], "train")])
     with pytest.raises(CorpusConfigError, match="several formats fit .*jsonl, webdataset"):
-        detect_format(corpus, ReaderOptions())
-    assert ingest_corpus(corpus, Workspace(tmp_path / "ws"), "x", fmt="webdataset").images == 1
+        detect_format(corpus, CorpusConfig(root=corpus))
+    assert ingest_corpus(CorpusConfig(root=corpus, name="x", format="webdataset"),
+                         Workspace(tmp_path / "ws")).images == 1
 
 
 def test_unknown_format_names_the_allowed_ones(reference, tmp_path):
     corpus, _ = reference
+    with pytest.raises(ValidationError, match="format\n.*'jsonl'.*'webdataset'"):  # the config refuses it
+        CorpusConfig(root=corpus, name="x", format="yaml")
+    unchecked = CorpusConfig.model_construct(root=corpus, name="x", format="yaml")  # and so does the reader
     with pytest.raises(CorpusConfigError, match="unknown corpus format 'yaml'.*webdataset"):
-        ingest_corpus(corpus, Workspace(tmp_path / "ws"), "x", fmt="yaml")
+        ingest_corpus(unchecked, Workspace(tmp_path / "ws"))
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions.jsonl").exists(), reason=f"Flickr8k not found at {FLICKR8K}")
@@ -241,7 +248,7 @@ def test_flickr8k_and_its_webdataset_repack_give_the_same_ids(prefect_backend, t
     write_webdataset(tmp_path / "wds", samples, per_shard=100)
     workspace = Workspace(tmp_path / "ws")
     runner = CliRunner()
-    ingest_corpus(subset, workspace, "flickr8k")
+    ingest_corpus(CorpusConfig(root=subset, name="flickr8k"), workspace)
     result = runner.invoke(app, ["ingest", "--corpus", str(tmp_path / "wds"), "--workspace", str(workspace.root)])
     assert result.exit_code == 0, result.output
     assert tables(workspace, "wds") == tables(workspace, "flickr8k")
@@ -257,6 +264,6 @@ def test_webdataset_caption_not_utf8_is_rejected_with_its_reason(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     workspace = Workspace(tmp_path / "ws")
-    summary = ingest_corpus(root, workspace, "wds")
+    summary = ingest_corpus(CorpusConfig(root=root, name="wds"), workspace)
     assert (summary.images, summary.captions) == (1, 0)
     assert summary.rejects_by_reason == {"caption_not_utf8": 1}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crossalign.config import CorpusConfig
 from crossalign.corpus import ingest_corpus, read_images
 from crossalign.encoders.preprocess import ResizeCenterCrop
 from crossalign.imaging import normalise_to_rgb
@@ -84,7 +85,7 @@ def test_ingest_records_what_it_normalised(cases, tmp_path):
     lines = [{"image": f"images/{name}", "captions": [f"picture {name}"], "split": "train"} for name in expected]
     (folder / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     workspace = Workspace(tmp_path / "ws")
-    summary = ingest_corpus(folder, workspace, "modes")
+    summary = ingest_corpus(CorpusConfig(root=folder, name="modes"), workspace)
     statuses = {Path(r["uri"]).name: r["status"] for r in read_images(workspace, "modes").to_pylist()}
     assert statuses == {name: ("normalised:" + ",".join(steps) if steps else "ok") for name, steps in expected.items()}
     assert summary.rejected == 0 and summary.normalised == len(expected) - 1

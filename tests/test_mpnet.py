@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_tiny_corpus
 
+from crossalign.config import CorpusConfig
 from crossalign.corpus import ingest_corpus
 from crossalign.encoders import TextEncoder, WeightsUnavailableError, load_encoder, mpnet, resolve_runtime
 from crossalign.encoders.base import file_sha256
@@ -101,7 +102,8 @@ def test_the_cli_refuses_a_corrupted_copy_in_one_line_with_exit_2(model_dir: Pat
     corpus = write_tiny_corpus(tmp_path / "corpus")
     env = {**os.environ, "CROSSALIGN_CACHE": str(tmp_path / "cache"), "PREFECT_HOME": str(tmp_path / "prefect")}
     exe = Path(sys.executable).with_name("crossalign")
-    ingest_corpus(corpus, Workspace(tmp_path / "ws"), "corpus")  # extract's pre-flight wants an ingested corpus
+    # extract's pre-flight wants an ingested corpus
+    ingest_corpus(CorpusConfig(root=corpus, name="corpus"), Workspace(tmp_path / "ws"))
 
     result = subprocess.run([str(exe), "extract", "--corpus", str(corpus), "--workspace", str(tmp_path / "ws"),
                              "--text-encoder", "mpnet-base"], capture_output=True, text=True, env=env, timeout=600)

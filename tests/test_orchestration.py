@@ -39,7 +39,7 @@ def make_config(workspace: Path, corpus: Path, extract: dict | None = None, **ru
 
 def ingested_config(tmp_path: Path, corpus: Path, **options) -> PipelineConfig:
     config = make_config(tmp_path / "ws", corpus, **options)
-    ingest_corpus(corpus, Workspace(config.workspace), CORPUS)
+    ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), Workspace(config.workspace))
     return config
 
 
@@ -198,7 +198,8 @@ def test_features_of_another_encoder_setup_fail_the_run_without_retries(
     thread_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.tasks
-    from flows.extract import ShardsFailedError, extract_flow
+    from crossalign.extract import FeatureMismatchError
+    from flows.extract import ShardsFailedError, extract_flow, extract_stage
 
     real, calls = flows.tasks.extract_image_features, []
     monkeypatch.setattr(flows.tasks, "extract_image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -212,9 +213,12 @@ def test_features_of_another_encoder_setup_fail_the_run_without_retries(
     manifest["shards"].pop()  # work for the run to do
     (directory / "_manifest.json").write_text(json.dumps(manifest))
 
+    with pytest.raises(FeatureMismatchError, match=r"\(differs in: weights_digest\)"):
+        extract_flow(config)  # its pre-flight loads the encoders and compares them with the features on disk
+    assert not calls
     mismatch = r"1 of 1 extraction shards failed .*FeatureMismatchError: .*\(differs in: weights_digest\)"
     with pytest.raises(ShardsFailedError, match=mismatch):
-        extract_flow(config)
+        extract_stage(config)  # the shards check too (on Dask workers the pre-flight loads no encoder)
     assert len(calls) == 1  # a setup error is not retried: it would fail again
     assert json.loads((directory / "_manifest.json").read_text()) == manifest
 

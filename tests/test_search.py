@@ -15,6 +15,7 @@ import torch
 from conftest import ENCODER_RUNTIME, IMAGE_ENCODER, TEXT_ENCODER, draw_picture, ingest_and_extract, write_tiny_corpus
 
 from crossalign.align import fit_mapper
+from crossalign.config import CorpusConfig, ExtractConfig, TrainConfig
 from crossalign.corpus import read_captions, read_images
 from crossalign.search import QueryError, Searcher, search_text
 from crossalign.search.search import SearchHit
@@ -43,7 +44,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace, st
     root = tmp_path_factory.mktemp("search")
     corpus_root, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
     corpus = ingest_and_extract(corpus_root, workspace)
-    fit = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    fit = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
     assert fit.metrics["rsum"] == 600.0, "the tiny training set was not memorised: the tests below would be moot"
     embed_corpus(workspace, corpus)
     return corpus_root, workspace, corpus
@@ -229,9 +230,10 @@ def test_several_image_encoders_side_by_side_end_to_end(tmp_path: Path) -> None:
     corpus_root, workspace = write_tiny_corpus(tmp_path / "corpus"), Workspace(tmp_path / "ws")
     from crossalign.corpus import ingest_corpus
 
-    ingest_corpus(corpus_root, workspace, "tiny")
-    summary = extract_image_features(workspace, "tiny", composite, num_workers=0, **ENCODER_RUNTIME)
-    extract_text_features(workspace, "tiny", TEXT_ENCODER, **ENCODER_RUNTIME)
+    ingest_corpus(CorpusConfig(root=corpus_root, name="tiny"), workspace)
+    summary = extract_image_features(workspace, "tiny", ExtractConfig(image_encoder=composite, num_workers=0,
+                                                                      **ENCODER_RUNTIME))
+    extract_text_features(workspace, "tiny", ExtractConfig(text_encoder=TEXT_ENCODER, **ENCODER_RUNTIME))
     assert (summary.encoder, summary.encoded) == (composite, 12)
     parts = [workspace.features_dir("tiny", name) for name in (IMAGE_ENCODER, f"{IMAGE_ENCODER}+flip")]
     assert all((part / "_manifest.json").exists() for part in parts)
@@ -242,7 +244,7 @@ def test_several_image_encoders_side_by_side_end_to_end(tmp_path: Path) -> None:
     assert data.image_encoder["encoder"] == composite and data.image_encoder["dim"] == 2560
     assert [p["encoder"] for p in data.image_encoder["parts"]] == [IMAGE_ENCODER, f"{IMAGE_ENCODER}+flip"]
 
-    fit = fit_mapper(workspace, "tiny", composite, TEXT_ENCODER, **TRAIN_OPTIONS)
+    fit = fit_mapper(workspace, "tiny", composite, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
     assert fit.metrics["rsum"] == 600.0
     embed_corpus(workspace, "tiny")
     searcher = Searcher(workspace, **ENCODER_RUNTIME)
@@ -261,7 +263,7 @@ def test_several_text_encoders_side_by_side_end_to_end(built: tuple[Path, Worksp
     composite = f"{TEXT_ENCODER},mpnet-base"
     shutil.copytree(built[1].root, tmp_path / "ws")
     workspace = Workspace(tmp_path / "ws")
-    summary = extract_text_features(workspace, "tiny", composite, **ENCODER_RUNTIME)
+    summary = extract_text_features(workspace, "tiny", ExtractConfig(text_encoder=composite, **ENCODER_RUNTIME))
     assert (summary.encoder, summary.modality, summary.encoded) == (composite, "text", 28)
     data = load_paired_features(workspace, "tiny", "train", IMAGE_ENCODER, composite)
     parts = [read_features(workspace.features_dir("tiny", name), data.caption_ids)[1]
@@ -270,7 +272,7 @@ def test_several_text_encoders_side_by_side_end_to_end(built: tuple[Path, Worksp
     assert data.text_encoder["encoder"] == composite and data.text_encoder["modality"] == "text"
     assert data.text_encoder["dim"] == 384 + 768
 
-    fit = fit_mapper(workspace, "tiny", IMAGE_ENCODER, composite, **TRAIN_OPTIONS)
+    fit = fit_mapper(workspace, "tiny", IMAGE_ENCODER, composite, TrainConfig(**TRAIN_OPTIONS))
     assert fit.metrics["rsum_raw"] == 600.0
     embed_corpus(workspace, "tiny")
     searcher = Searcher(workspace, **ENCODER_RUNTIME)
@@ -351,7 +353,8 @@ def test_an_older_mapper_is_searched_at_its_own_version(built: tuple[Path, Works
     shutil.copytree(workspace.root, tmp_path / "ws")
     copy = Workspace(tmp_path / "ws")
     first = copy.current_mapper_id()
-    second = fit_mapper(copy, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "dim": 32, "steps": 20})
+    second = fit_mapper(copy, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "dim": 32,
+                                                                                  "steps": 20}))
     embed_corpus(copy, corpus)
 
     old, new = Searcher(copy, mapper_id=first, **ENCODER_RUNTIME), Searcher(copy, **ENCODER_RUNTIME)

@@ -16,6 +16,7 @@ from conftest import IMAGE_ENCODER, TEXT_ENCODER, ingest_and_extract, write_pict
 
 from crossalign.align import MapperMismatchError, fit_mapper, load_mapper
 from crossalign.align.mapper_dir import load_querybank
+from crossalign.config import TrainConfig
 from crossalign.corpus import read_captions, read_images
 from crossalign.extract import FeatureManifest, read_features
 from crossalign.store import (
@@ -32,6 +33,7 @@ from crossalign.store import (
     table_names,
     upsert_rows,
 )
+from crossalign.store.index import IndexPlan, recorded_plan
 from crossalign.store.schema import NORMALISER_COLUMN
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -44,7 +46,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace, s
     root = tmp_path_factory.mktemp("store")
     corpus_root, workspace = write_tiny_corpus(root / "corpus"), Workspace(root / "ws")
     corpus = ingest_and_extract(corpus_root, workspace)
-    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **TRAIN_OPTIONS)
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**TRAIN_OPTIONS))
     return corpus_root, workspace, corpus
 
 
@@ -195,7 +197,8 @@ def test_plain_lancedb_can_search_the_tables(ws: tuple[Path, Workspace, str]) ->
 def test_a_new_mapper_rebuilds_the_tables(ws: tuple[Path, Workspace, str]) -> None:
     _, workspace, corpus = ws
     first = embed_corpus(workspace, corpus)
-    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 7, "dim": 16})
+    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 7,
+                                                                                      "dim": 16}))
     assert other.mapper_id != first.mapper_id
 
     summary = embed_corpus(workspace, corpus)
@@ -213,7 +216,7 @@ def test_a_new_mapper_rebuilds_the_tables(ws: tuple[Path, Workspace, str]) -> No
 def test_embed_with_a_named_mapper_that_is_not_current(ws: tuple[Path, Workspace, str]) -> None:
     _, workspace, corpus = ws
     first_id = workspace.current_mapper_id()
-    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 9})
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 9}))
     assert workspace.current_mapper_id() != first_id
 
     summary = embed_corpus(workspace, corpus, mapper_id=first_id)
@@ -285,7 +288,8 @@ def test_a_second_mapper_reembeds_from_cached_features_into_its_own_version(ws: 
     _, workspace, corpus = ws
     first = embed_corpus(workspace, corpus)
     first_vectors = {r["id"]: r["vector"] for r in rows(workspace, IMAGES_TABLE)}
-    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 7, "dim": 16})
+    other = fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 7,
+                                                                                      "dim": 16}))
     features = _tree_stamps(workspace.root / "features")
 
     summary = embed_corpus(workspace, corpus)
@@ -300,6 +304,7 @@ def test_a_second_mapper_reembeds_from_cached_features_into_its_own_version(ws: 
     old = open_table(db, IMAGES_TABLE, first.mapper_id)
     assert table_metadata(old.schema)["mapper_id"] == first.mapper_id
     assert {r["id"]: r["vector"] for r in old.to_arrow().to_pylist()} == first_vectors
+    assert recorded_plan(old) == IndexPlan(**first.index)  # the tagged version has its index plan (search reads it)
     assert table_metadata(open_table(db, IMAGES_TABLE).schema)["mapper_id"] == other.mapper_id
     unknown = "mapper-000000000000"
     with pytest.raises(StoreMismatchError, match=f"no vectors of mapper {unknown}: current {other.mapper_id}"):
@@ -313,7 +318,7 @@ def test_switching_mapper_keeps_every_corpus_of_the_tables(ws: tuple[Path, Works
     ingest_and_extract(second_root, workspace, "second")
     embed_corpus(workspace, corpus)
     embed_corpus(workspace, "second")
-    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 3})
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 3}))
 
     summary = embed_corpus(workspace, corpus)
 
@@ -325,7 +330,7 @@ def test_switching_mapper_keeps_every_corpus_of_the_tables(ws: tuple[Path, Works
 def test_cleanup_compacts_and_drops_older_mappers(ws: tuple[Path, Workspace, str]) -> None:
     _, workspace, corpus = ws
     first = embed_corpus(workspace, corpus)
-    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 5})
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 5}))
     current = embed_corpus(workspace, corpus)
     before = rows(workspace, CAPTIONS_TABLE)
 
@@ -469,7 +474,7 @@ def test_a_new_mapper_recomputes_every_normaliser(ws: tuple[Path, Workspace, str
     _, workspace, corpus = ws
     embed_corpus(workspace, corpus)
     first = {table: normalisers(workspace, table) for table in (IMAGES_TABLE, CAPTIONS_TABLE)}
-    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, **{**TRAIN_OPTIONS, "seed": 5})
+    fit_mapper(workspace, corpus, IMAGE_ENCODER, TEXT_ENCODER, TrainConfig(**{**TRAIN_OPTIONS, "seed": 5}))
 
     summary = embed_corpus(workspace, corpus)
 

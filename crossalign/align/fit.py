@@ -39,14 +39,12 @@ class FitSummary:
         return asdict(self)
 
 
-_D = TrainConfig()  # the training defaults, read from the config (never repeated here)
-
-
 def fit_mapper(
-    workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, *, train_split: str = _D.train_split,
-    eval_split: str = _D.eval_split, querybank: QueryBankConfig | None = None, **train_options: Any,
+    workspace: Workspace, corpus: str, image_encoder: str, text_encoder: str, config: TrainConfig | None = None,
+    querybank: QueryBankConfig | None = None,
 ) -> FitSummary:
-    """Train a mapper on `train_split`'s cached features, select on `eval_split`, save it as current.
+    """Train a mapper as `config` says (default `TrainConfig()`) on the cached features of its `train_split`,
+    select on its `eval_split`, and save it as the workspace's current mapper.
 
     The mapper is selected on raw cosine scores; then its query bank (`querybank.size` vectors of each
     modality of the training split) is saved with it, and the reported metrics are those search gives
@@ -54,40 +52,36 @@ def fit_mapper(
     Writes the mapper's directory (`MapperDir`): weights, query bank, config (with the training record
     that `choose_mapper` compares), metrics and report.
     """
-    querybank = querybank or QueryBankConfig()
+    config, querybank = config or TrainConfig(), querybank or QueryBankConfig()
+    train_split, eval_split, method = config.train_split, config.eval_split, config.method
+    train_options = config.model_dump(exclude={"train_split", "eval_split", "method"})
     train = load_paired_features(workspace, corpus, train_split, image_encoder, text_encoder)
     dev = load_paired_features(workspace, corpus, eval_split, image_encoder, text_encoder)
     logger.info("training on %d images / %d captions of %s:%s; selecting on %d images of %s",
                 len(train.images), len(train.captions), corpus, train_split, len(dev.images), eval_split)
-    method = train_options.pop("method", "train")
     if method == "cca":  # closed form, no training: the options that shape it are dim alone
         start = time.perf_counter()
-        model = fit_cca(train, train_options.get("dim"))
+        model = fit_cca(train, config.dim)
         result = TrainResult(model, 0, evaluate_mapper(model, dev), seconds=round(time.perf_counter() - start, 2))
-    elif method == "train":
-        result = train_mapper(train, dev, **train_options)
     else:
-        raise ValueError(f"unknown method {method!r}: use train or cca")
+        result = train_mapper(train, dev, **train_options)
     start = time.perf_counter()
     bank = build_querybank(result.model, train, querybank)
     metrics, image_emb, text_emb = _evaluate(result.model, dev, bank, querybank.method)
     bank_seconds = round(time.perf_counter() - start, 2)
-    config = {
-        "kind": _kind(method, train_options),
-        "depth": train_options.get("depth", 1), "hidden": train_options.get("hidden", 2048),
-        "blocks": train_options.get("blocks", 0), "heads": train_options.get("heads", 1),
-        "loss": None if method == "cca" else train_options.get("loss", "infonce"),
+    saved = {
+        "kind": _kind(config),
+        "depth": config.depth, "hidden": config.hidden, "blocks": config.blocks, "heads": config.heads,
+        "loss": None if method == "cca" else config.loss,
         "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
         "dim": result.model.dim, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
         "best_step": result.best_step, "temperature": _temperature(result.model),
         "querybank": {"split": train_split, "seed": querybank.seed, "method": querybank.method},
-        RECORD_KEY: training_record(corpus, {**train_options, "method": method, "train_split": train_split,
-                                             "eval_split": eval_split}, querybank, train.image_encoder,
-                                    train.text_encoder),
+        RECORD_KEY: training_record(corpus, config.model_dump(), querybank, train.image_encoder, train.text_encoder),
     }
-    mapper_id = save_mapper(result.model, config, mappers_root(workspace), bank)
+    mapper_id = save_mapper(result.model, saved, mappers_root(workspace), bank)
     mapper_dir = MapperDir.of(workspace, mapper_id)
     mapper_dir.write_metrics({"split": eval_split, "corpus": corpus, **metrics, "history": result.history})
     write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", metrics,
@@ -103,12 +97,12 @@ def _temperature(model: JointMapper) -> float | list[float]:
     return temperatures[0] if len(temperatures) == 1 else temperatures
 
 
-def _kind(method: str, options: dict[str, Any]) -> str:
-    if method == "cca":
+def _kind(config: TrainConfig) -> str:
+    if config.method == "cca":
         return "cca"
-    if options.get("blocks", 0):
+    if config.blocks:
         return "residual"
-    return "linear" if options.get("depth", 1) == 1 else "mlp"
+    return "linear" if config.depth == 1 else "mlp"
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from crossalign.config import CORPUS_FORMATS, CorpusConfig
@@ -34,24 +33,11 @@ from crossalign.corpus.folder import (
 )
 
 FORMATS = CORPUS_FORMATS  # "auto" aside: it picks one of these
-_C = CorpusConfig(root=".")  # the corpus defaults, read from the config (never repeated here)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 Record = CorpusRecord | BadRecord
 
 
-@dataclass(frozen=True)
-class ReaderOptions:
-    """How to read a corpus: the captions file and the column names of table formats."""
-
-    captions_file: str = _C.captions_file
-    default_split: str = _C.default_split
-    image_column: str = _C.image_column
-    caption_column: str = _C.caption_column
-    split_column: str = _C.split_column
-    unlisted_split: str = _C.unlisted_split  # flickr: images that no split list names (when split lists exist)
-
-
-def detect_format(root: Path, options: ReaderOptions) -> str:
+def detect_format(root: Path, options: CorpusConfig) -> str:
     """The format of the corpus at `root`, when only one fits.
 
     Raises:
@@ -83,24 +69,25 @@ def detect_format(root: Path, options: ReaderOptions) -> str:
     return found[0]
 
 
-def read_records(root: Path, fmt: str, options: ReaderOptions) -> Iterator[Record]:
-    """Records of the corpus at `root` in format `fmt` ("auto" detects it).
+def read_records(root: Path, options: CorpusConfig) -> Iterator[Record]:
+    """Records of the corpus at `root` (`options.root`, resolved by the caller) in format `options.format`
+    ("auto" detects it), read as `options` says (captions file, column names, default split).
 
     Raises:
         CorpusConfigError: unknown format, or the files the format needs are missing.
     """
     root = Path(root)
-    fmt = detect_format(root, options) if fmt == "auto" else fmt
+    fmt = detect_format(root, options) if options.format == "auto" else options.format
     if fmt not in _READERS:
         raise CorpusConfigError(f"unknown corpus format {fmt!r}; use one of: auto, {', '.join(FORMATS)}")
     return _READERS[fmt](root, options)
 
 
-def _read_jsonl(root: Path, options: ReaderOptions) -> Iterator[Record]:
+def _read_jsonl(root: Path, options: CorpusConfig) -> Iterator[Record]:
     return read_jsonl_records(root, options.captions_file, options.default_split)
 
 
-def _table_file(root: Path, options: ReaderOptions, suffix: str) -> Path:
+def _table_file(root: Path, options: CorpusConfig, suffix: str) -> Path:
     path = root / options.captions_file
     if path.suffix.lower() != f".{suffix}" and (root / f"{path.stem}.{suffix}").is_file():
         path = root / f"{path.stem}.{suffix}"
@@ -116,7 +103,7 @@ def _table_file(root: Path, options: ReaderOptions, suffix: str) -> Path:
     return path
 
 
-def _read_table(root: Path, options: ReaderOptions, fmt: str) -> Iterator[Record]:
+def _read_table(root: Path, options: CorpusConfig, fmt: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     from crossalign.corpus.delimited import read_delimited
@@ -138,7 +125,7 @@ def _read_table(root: Path, options: ReaderOptions, fmt: str) -> Iterator[Record
     yield from _group_rows(enumerate(rows, start=2), options, path)
 
 
-def _group_rows(rows: Iterator[tuple[int, dict] | BadRecord], options: ReaderOptions, path: Path) -> Iterator[Record]:
+def _group_rows(rows: Iterator[tuple[int, dict] | BadRecord], options: CorpusConfig, path: Path) -> Iterator[Record]:
     """One record per run of consecutive rows naming the same image (streamed: a row naming it again later
     is another entry of that image, which ingest merges with a reason).
 
@@ -169,7 +156,7 @@ def _group_rows(rows: Iterator[tuple[int, dict] | BadRecord], options: ReaderOpt
         yield current
 
 
-def _caption_column(names: list[str], options: ReaderOptions) -> str:
+def _caption_column(names: list[str], options: CorpusConfig) -> str:
     """The caption column: as configured, or its plural (a list of captions per image)."""
     if options.caption_column not in names and f"{options.caption_column}s" in names:
         return f"{options.caption_column}s"
@@ -203,7 +190,7 @@ def _embedded_column(schema) -> str | None:
     return None
 
 
-def _embedded_rows(parquet, column: str, path: Path, caption_column: str, options: ReaderOptions,
+def _embedded_rows(parquet, column: str, path: Path, caption_column: str, options: CorpusConfig,
                    batch_rows: int = 256) -> Iterator[Record]:
     names = parquet.schema_arrow.names
     text_column = next((c for c in (caption_column, "text", "caption") if c in names), None)
@@ -224,13 +211,13 @@ def _embedded_rows(parquet, column: str, path: Path, caption_column: str, option
             yield CorpusRecord(line=line, image=f"{path.name}#{name}", captions=texts, split=split, data=data)
 
 
-def _read_flickr(root: Path, options: ReaderOptions) -> Iterator[Record]:
+def _read_flickr(root: Path, options: CorpusConfig) -> Iterator[Record]:
     from crossalign.corpus.flickr import read_flickr
 
     return read_flickr(root, options.default_split, options.unlisted_split)
 
 
-def _read_coco(root: Path, options: ReaderOptions) -> Iterator[Record]:
+def _read_coco(root: Path, options: CorpusConfig) -> Iterator[Record]:
     files = sorted(root.glob("captions_*.json")) + sorted(root.glob("annotations/captions_*.json"))
     if not files:
         raise CorpusConfigError(f"{root}: no captions_*.json for the coco format")
@@ -307,7 +294,7 @@ def _coco_images(path: Path, images: object, texts: dict[object, list[object]],
         yield name, texts.pop(image_id, [])
 
 
-def _read_webdataset(root: Path, options: ReaderOptions) -> Iterator[Record]:
+def _read_webdataset(root: Path, options: CorpusConfig) -> Iterator[Record]:
     from crossalign.corpus.tar_shards import read_tar_shards
 
     shards = [shard for shard in sorted(root.glob("*.tar")) if inside_root(root, shard)]  # or raises
@@ -316,7 +303,7 @@ def _read_webdataset(root: Path, options: ReaderOptions) -> Iterator[Record]:
     return read_tar_shards(shards, options.default_split)
 
 
-_READERS: dict[str, Callable[[Path, ReaderOptions], Iterator[Record]]] = {
+_READERS: dict[str, Callable[[Path, CorpusConfig], Iterator[Record]]] = {
     "jsonl": _read_jsonl,
     "csv": lambda root, options: _read_table(root, options, "csv"),
     "tsv": lambda root, options: _read_table(root, options, "tsv"),

@@ -13,16 +13,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crossalign.config import CorpusConfig, corpus_name
+from crossalign.config import CorpusConfig
 from crossalign.corpus.accounting import Ledger, accounting_line
 from crossalign.corpus.folder import BadRecord, CorpusRecord
-from crossalign.corpus.formats import ReaderOptions, read_records
+from crossalign.corpus.formats import read_records
 from crossalign.corpus.probe import ItemRejected, clean_caption, printable, probe_image, read_file_inside
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
-_C = CorpusConfig(root=".")  # the corpus defaults, read from the config (never repeated here)
 
 ID_HEX_DIGITS = 32
 
@@ -182,25 +181,12 @@ def content_id(*parts: str | bytes) -> str:
     return digest.hexdigest()[:ID_HEX_DIGITS]
 
 
-def ingest_corpus(
-    root: Path,
-    workspace: Workspace,
-    corpus: str | None = None,
-    captions_file: str = _C.captions_file,
-    default_split: str = _C.default_split,
-    max_pixels: int = _C.max_pixels,
-    max_caption_chars: int = _C.max_caption_chars,
-    fmt: str = _C.format,
-    image_column: str = _C.image_column,
-    caption_column: str = _C.caption_column,
-    split_column: str = _C.split_column,
-    unlisted_split: str = _C.unlisted_split,
-) -> IngestSummary:
+def ingest_corpus(config: CorpusConfig, workspace: Workspace) -> IngestSummary:
     """Read a corpus (any format of `crossalign.corpus.formats`) into `workspace`'s canonical tables.
 
-    `fmt="auto"` detects the format when only one fits. Images embedded in the corpus (tar shards,
+    `config.format="auto"` detects the format when only one fits. Images embedded in the corpus (tar shards,
     Parquet bytes) are stored once under `corpora/<corpus>/blobs/`. Flickr images that the format's
-    split lists do not name go to split `unlisted_split`.
+    split lists do not name go to split `config.unlisted_split`.
 
     Images get ids from their bytes, so the same corpus always yields the same tables and duplicate
     files collapse into one image with the captions of both. Anything unusable (an unreadable path, a
@@ -219,10 +205,8 @@ def ingest_corpus(
         CorpusConfigError: the root or the captions file is missing.
         IngestAccountingError: the ledger does not balance (a bug; nothing is committed).
     """
-    root = Path(root).expanduser().resolve()
-    corpus = corpus_name(root, corpus)
-    options = ReaderOptions(captions_file, default_split, image_column, caption_column, split_column, unlisted_split)
-    records = read_records(root, fmt, options)  # config errors raise here, before any work
+    root, corpus = Path(config.root).expanduser().resolve(), config.corpus_name
+    records = read_records(root, config)  # config errors raise here, before any work
     workspace.corpus_dir(corpus).mkdir(parents=True, exist_ok=True)
     writers = {
         "images": _TableWriter(workspace.images_table(corpus), IMAGES_SCHEMA),
@@ -237,16 +221,16 @@ def ingest_corpus(
         for record in records:
             if isinstance(record, BadRecord):
                 ledger.read("record")
-                rejects.add("record", record.source or f"{captions_file}:{record.line}", record.reason,
+                rejects.add("record", record.source or f"{config.captions_file}:{record.line}", record.reason,
                             record.message)
                 continue
             ledger.read("image")
             ledger.read("caption", len(record.captions))
-            image = _ingest_image(root, record, seen, writers["images"], rejects, max_pixels, blobs)
+            image = _ingest_image(root, record, seen, writers["images"], rejects, config.max_pixels, blobs)
             if image is None:
                 continue
             for text in record.captions:
-                _ingest_caption(image, record.image, text, seen, writers["captions"], rejects, max_caption_chars)
+                _ingest_caption(image, record.image, text, seen, writers["captions"], rejects, config.max_caption_chars)
         return _finish(workspace, corpus, writers, seen, rejects)
     except BaseException:
         for writer in writers.values():

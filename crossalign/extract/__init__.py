@@ -2,7 +2,7 @@
 
 from crossalign.extract.extract import ExtractSummary, extract_image_features, extract_text_features
 from crossalign.extract.manifest import FeatureManifest, FeatureMismatchError
-from crossalign.extract.plan import ShardPlan, combine_shard_summaries, plan_shards
+from crossalign.extract.plan import ShardPlan, ShardsFailedError, combine_shard_summaries, plan_shards
 from crossalign.extract.shards import read_features
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "FeatureManifest",
     "FeatureMismatchError",
     "ShardPlan",
+    "ShardsFailedError",
     "combine_shard_summaries",
     "extract_image_features",
     "extract_text_features",

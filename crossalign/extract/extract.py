@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from crossalign.config import CompileMode, DecodeMode, ExtractConfig
+from crossalign.config import CompileMode, DecodeMode, ExtractConfig, GpuDecodeMode
 from crossalign.corpus import read_captions, read_images
 from crossalign.encoders import ImageEncoder
 from crossalign.encoders.base import can_compile_on_cpu
@@ -33,6 +33,7 @@ from crossalign.extract.encoding import (
 )
 from crossalign.extract.features import features_dirs
 from crossalign.extract.gpu_decode import gpu_decoded_batches, gpu_decoder, import_nvimgcodec
+from crossalign.extract.manifest import FeatureManifest
 from crossalign.extract.shards import done_ids
 from crossalign.workspace import Workspace
 
@@ -90,10 +91,9 @@ def gpu_batches(
     return gpu_decoded_batches(uris, gpu_decodable, cpu_path, size, batch_size, threads, device, decoder)
 
 
-GPU_DECODE_MODES = ("nvjpeg", "nvimgcodec")
+GPU_DECODE_MODES: tuple[str, ...] = get_args(GpuDecodeMode)
 DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
-_E = ExtractConfig()  # the extraction defaults, read from the config (never repeated here)
 # "auto" compiles the image encoder on the CPU when at least this many images wait for it: compiling
 # costs 15-45 s on 2 cores and saves about 6 ms an image (Lite0 fp16: 60 -> 90+ images/s).
 COMPILE_MIN_IMAGES = 5_000
@@ -144,14 +144,13 @@ def default_num_workers(decode: str = "threads", on_gpu: bool = False) -> int:
 
 
 def extract_image_features(
-    workspace: Workspace, corpus: str, encoder_name: str = _E.image_encoder, *, device: str = _E.device,
-    precision: str = _E.precision, batch_size: int | None = _E.image_batch_size, shard_size: int = _E.shard_size,
-    num_workers: int | None = _E.num_workers, split: str | None = None, decode: str = _E.decode,
-    only_ids: list[str] | None = None, compile: str = _E.compile,
+    workspace: Workspace, corpus: str, config: ExtractConfig | None = None, *, split: str | None = None,
+    only_ids: list[str] | None = None,
 ) -> ExtractSummary:
-    """Encode the corpus images that have no features yet for `encoder_name` (of them, only `only_ids` if given).
+    """Encode the corpus images that have no features yet for `config.image_encoder` (of them, only `only_ids` if
+    given; of `split` if given), as `config` says (default `ExtractConfig()`).
 
-    Decoding runs on `num_workers` decoders (default: `default_num_workers`). `batch_size` defaults
+    Decoding runs on `config.num_workers` decoders (default: `default_num_workers`). `batch_size` defaults
     to 32 on the CPU (measured fastest for Lite0 here) and 256 on CUDA, where an out-of-memory batch is
     split instead of failing. `decode="threads"` decodes in a pool of threads (Pillow releases the GIL
     while decoding); "processes" in spawned worker processes, started by the first call of a process
@@ -177,31 +176,31 @@ def extract_image_features(
     Raises:
         FeatureMismatchError: the features directory belongs to another encoder setup.
     """
-    resolve_decode(decode, on_gpu=False)  # an unknown mode fails before any work
-    if SEPARATOR in encoder_name:  # several image encoders: each part into its own features directory
-        options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
-                   "num_workers": num_workers, "split": split, "decode": decode, "only_ids": only_ids,
-                   "compile": compile}
-        parts = [extract_image_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
-        return combine_summaries(canonical_name(encoder_name), parts)
-    encoder = load_encoder_once(encoder_name, device, precision, modality="image")
+    config = config or ExtractConfig()
+    resolve_decode(config.decode, on_gpu=False)  # an unknown mode fails before any work
+    if SEPARATOR in config.image_encoder:  # several image encoders: each part into its own features directory
+        parts = [extract_image_features(workspace, corpus, config.model_copy(update={"image_encoder": part}),
+                                        split=split, only_ids=only_ids)
+                 for part in composite_parts(config.image_encoder)]
+        return combine_summaries(canonical_name(config.image_encoder), parts)
+    encoder = load_encoder_once(config.image_encoder, config.device, config.precision, modality="image")
     all_images = read_images(workspace, corpus, split)
     images = _only(all_images, "image_id", only_ids)
     ids, uris = images.column("image_id").to_pylist(), images.column("uri").to_pylist()
     size = encoder.preprocessing.get("size", 224)
-    (directory,) = features_dirs(workspace, corpus, encoder_name)
+    (directory,) = features_dirs(workspace, corpus, config.image_encoder)
     on_gpu = encoder.runtime.device.type == "cuda"
-    decode = resolve_decode(decode, on_gpu)
-    batch_size = batch_size or (256 if on_gpu else 32)
+    decode = resolve_decode(config.decode, on_gpu)
+    batch_size = config.image_batch_size or (256 if on_gpu else 32)
 
     def pending() -> int:  # images of the corpus (all shards) without features
         done = done_ids(directory)
         return sum(1 for image_id in all_images.column("image_id").to_pylist() if image_id not in done)
 
-    if not encoder.compiled and should_compile(compile, encoder.runtime.device, pending):
+    if not encoder.compiled and should_compile(config.compile, encoder.runtime.device, pending):
         logger.info("%s: compiling the encoder (once per process)", encoder.name)
         encoder.compile(batch_size)
-    num_workers = default_num_workers(decode, on_gpu) if num_workers is None else num_workers
+    num_workers = default_num_workers(decode, on_gpu) if config.num_workers is None else config.num_workers
 
     if decode in GPU_DECODE_MODES and not on_gpu:
         raise ValueError(f"decode={decode!r} decodes on the GPU: it needs a CUDA device")
@@ -229,8 +228,26 @@ def extract_image_features(
     # With the model on a GPU the main process needs few CPU threads; idle OpenMP threads spinning there
     # would take the cores that the decode workers need.
     with _torch_threads(min(4, torch.get_num_threads()) if on_gpu else None):
-        return run_extraction(encoder, ids, directory, batches, encoder.encode, shard_size,
+        return run_extraction(encoder, ids, directory, batches, encoder.encode, config.shard_size,
                               description=describe_with_decoder(encoder, decode))
+
+
+def check_features_match(workspace: Workspace, corpus: str, config: ExtractConfig) -> None:
+    """Refuse, before any work, an extraction that the features on disk would refuse in every shard: a features
+    directory of `config`'s encoders holding another setup's features (another precision, weights,
+    preprocessing or GPU decoder). Loads the encoders (once per process), as extraction will.
+
+    Raises:
+        FeatureMismatchError: names the directory and what differs.
+        EncoderModalityError, WeightsUnavailableError, ValueError: as loading the encoders does.
+    """
+    for modality, name in (("image", config.image_encoder), ("text", config.text_encoder)):
+        for part, directory in zip(composite_parts(canonical_name(name)), features_dirs(workspace, corpus, name)):
+            encoder = load_encoder_once(part, config.device, config.precision, modality=modality)
+            on_gpu = encoder.runtime.device.type == "cuda"
+            description = (describe_with_decoder(encoder, resolve_decode(config.decode, on_gpu))
+                           if modality == "image" else encoder.describe())
+            FeatureManifest.open_for(directory, description)
 
 
 def combine_summaries(name: str, parts: list[ExtractSummary]) -> ExtractSummary:
@@ -279,21 +296,22 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 
 
 def extract_text_features(
-    workspace: Workspace, corpus: str, encoder_name: str = _E.text_encoder, *, device: str = _E.device,
-    precision: str = _E.precision, batch_size: int = _E.text_batch_size, shard_size: int = _E.shard_size,
-    split: str | None = None,
+    workspace: Workspace, corpus: str, config: ExtractConfig | None = None, *, split: str | None = None,
     only_ids: list[str] | None = None,
 ) -> ExtractSummary:
-    """Encode the corpus captions that have no features yet for `encoder_name` (see `extract_image_features`)."""
-    if SEPARATOR in encoder_name:  # several text encoders: each part into its own features directory
-        options = {"device": device, "precision": precision, "batch_size": batch_size, "shard_size": shard_size,
-                   "split": split, "only_ids": only_ids}
-        parts = [extract_text_features(workspace, corpus, part, **options) for part in composite_parts(encoder_name)]
-        return combine_summaries(canonical_name(encoder_name), parts)
-    encoder = load_encoder_once(encoder_name, device, precision, modality="text")
+    """Encode the corpus captions that have no features yet for `config.text_encoder` (see
+    `extract_image_features`)."""
+    config = config or ExtractConfig()
+    if SEPARATOR in config.text_encoder:  # several text encoders: each part into its own features directory
+        parts = [extract_text_features(workspace, corpus, config.model_copy(update={"text_encoder": part}),
+                                       split=split, only_ids=only_ids)
+                 for part in composite_parts(config.text_encoder)]
+        return combine_summaries(canonical_name(config.text_encoder), parts)
+    encoder = load_encoder_once(config.text_encoder, config.device, config.precision, modality="text")
     captions = _only(read_captions(workspace, corpus, split), "caption_id", only_ids)
     ids, texts = captions.column("caption_id").to_pylist(), captions.column("text").to_pylist()
-    (directory,) = features_dirs(workspace, corpus, encoder_name)
+    (directory,) = features_dirs(workspace, corpus, config.text_encoder)
+    shard_size = config.shard_size
 
     def batches(todo: list[int]) -> Iterator[tuple[list[int], list[str], list[str]]]:
         # One shard's worth at a time: the encoder sorts by length inside it to avoid padding.
@@ -303,6 +321,6 @@ def extract_text_features(
 
     def encode_unique(batch: list[str]) -> torch.Tensor:
         unique, inverse = np.unique(np.asarray(batch, dtype=object), return_inverse=True)
-        return encoder.encode(list(unique), batch_size=batch_size)[torch.from_numpy(inverse)]
+        return encoder.encode(list(unique), batch_size=config.text_batch_size)[torch.from_numpy(inverse)]
 
     return run_extraction(encoder, ids, directory, batches, encode_unique, shard_size)

@@ -19,6 +19,11 @@ from crossalign.workspace import Workspace
 MODALITIES = ("image", "text")
 
 
+class ShardsFailedError(RuntimeError):
+    """Some extraction shards failed (after their retry); the others are recorded. Its `__cause__` is the first
+    shard's error."""
+
+
 @dataclass
 class ShardPlan:
     """The pending work of one encoder on one corpus (small: passed between Prefect tasks)."""

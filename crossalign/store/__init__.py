@@ -8,17 +8,15 @@ from crossalign.store.schema import (
     images_schema,
     table_metadata,
 )
-from crossalign.store.tables import (
-    EmbedSummary,
+from crossalign.store.tables import EmbedSummary, embed_corpus, upsert_rows
+from crossalign.store.versions import (
     MapperVersion,
     StoreMismatchError,
     cleanup_tables,
     connect,
-    embed_corpus,
     mapper_versions,
     open_table,
     table_names,
-    upsert_rows,
 )
 
 __all__ = [

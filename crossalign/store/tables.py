@@ -5,17 +5,16 @@ Embedding a corpus with the table's mapper inserts only the items the table lack
 items the corpus no longer has). Embedding with another mapper writes a new table version holding
 every corpus of the table re-embedded from its cached features, in one commit; the version each
 mapper last wrote is tagged with the mapper id, so older mappers' vectors stay readable
-(`open_table(..., mapper_id=...)`) until `cleanup_tables` compacts the tables and drops them.
+(`crossalign.store.versions.open_table(..., mapper_id=...)`) until `cleanup_tables` compacts the tables and
+drops them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from typing import Any
 
 import lancedb
@@ -46,16 +45,13 @@ from crossalign.store.schema import (
     table_metadata,
     table_schema,
 )
+from crossalign.store.versions import StoreMismatchError, connect, table_names, tag_version
 from crossalign.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 8192
 DELETE_CHUNK = 1000
-
-
-class StoreMismatchError(ValueError):
-    """Vectors of another mapper or dimension offered to a table, or a mapper the table does not hold."""
 
 
 @dataclass
@@ -87,17 +83,6 @@ class _Modality:
 
 
 MODALITIES = (_Modality(IMAGES_TABLE, "image", "image_id"), _Modality(CAPTIONS_TABLE, "text", "caption_id"))
-
-
-def connect(workspace: Workspace) -> lancedb.DBConnection:
-    """The workspace's LanceDB database."""
-    return lancedb.connect(str(workspace.lancedb_uri))
-
-
-def table_names(db: lancedb.DBConnection) -> list[str]:
-    """Names of the tables in `db` (across LanceDB API versions)."""
-    listed = db.list_tables() if hasattr(db, "list_tables") else db.table_names()
-    return list(getattr(listed, "tables", listed))
 
 
 def quote(value: str) -> str:
@@ -154,10 +139,10 @@ def _embed_corpus(workspace: Workspace, corpus: str, mapper_id: str | None, metr
             removed += gone
         changed = rebuild or written[spec.table] or removed
         if changed:
-            _tag(table, config["mapper_id"])
             plans[spec.table] = ensure_index(table, metric).describe()
             if spec.table == CAPTIONS_TABLE:
                 table.create_index(TEXT_COLUMN, config=FTS(), replace=True)
+            tag_version(table, config["mapper_id"])  # last: the tagged version has the indices and their recorded plan
     images, captions = db.open_table(IMAGES_TABLE), db.open_table(CAPTIONS_TABLE)
     logger.info("embedded %s with %s: %d images, %d captions written, %d rows removed%s", corpus,
                 config["mapper_id"], written[IMAGES_TABLE], written[CAPTIONS_TABLE], removed,
@@ -338,93 +323,3 @@ def _corpora_in_tables(db: lancedb.DBConnection) -> set[str]:
                       .column(CORPUS_COLUMN))
             corpora |= set(column.unique().to_pylist())
     return corpora
-
-
-def _tag(table: Any, mapper_id: str) -> None:
-    """Tag the table's latest version with the mapper that wrote it."""
-    if mapper_id in table.tags.list():
-        table.tags.update(mapper_id, table.version)
-    else:
-        table.tags.create(mapper_id, table.version)
-
-
-def open_table(db: lancedb.DBConnection, name: str, mapper_id: str | None = None) -> Any:
-    """A joint table as the mapper `mapper_id` wrote it (default: the current version).
-
-    Raises:
-        WorkspaceError: no such table.
-        StoreMismatchError: the table holds no vectors of that mapper (any more), naming those it holds.
-    """
-    if name not in table_names(db):
-        raise WorkspaceError(f"no {name} table in {db.uri}: run `crossalign run` or `crossalign embed` first")
-    table = db.open_table(name)
-    current = table_metadata(table.schema).get("mapper_id")
-    if mapper_id is None or mapper_id == current:
-        return table
-    if mapper_id not in table.tags.list():
-        older = sorted(set(table.tags.list()) - {current})
-        raise StoreMismatchError(
-            f"table {name} holds no vectors of mapper {mapper_id}: current {current}"
-            + (f", older {', '.join(older)}" if older else "")
-            + f"; run `crossalign embed --mapper {mapper_id}` to embed with it"
-        )
-    table.checkout(mapper_id)
-    return table
-
-
-@dataclass
-class MapperVersion:
-    """One mapper's vectors in one table."""
-
-    table: str
-    mapper_id: str
-    version: int
-    current: bool
-    rows: int
-
-
-def mapper_versions(workspace: Workspace) -> list[MapperVersion]:
-    """Every mapper whose vectors the tables hold, the current one first per table."""
-    db = connect(workspace)
-    found = []
-    for spec in MODALITIES:
-        if spec.table not in table_names(db):
-            continue
-        table = db.open_table(spec.table)
-        current = table_metadata(table.schema).get("mapper_id")
-        for mapper_id, tag in sorted(table.tags.list().items(), key=lambda kv: -kv[1]["version"]):
-            rows = table.count_rows() if mapper_id == current else open_table(db, spec.table, mapper_id).count_rows()
-            found.append(MapperVersion(spec.table, mapper_id, tag["version"], mapper_id == current, rows))
-    return found
-
-
-def cleanup_tables(workspace: Workspace) -> dict[str, dict[str, Any]]:
-    """Compact each table and delete every version but the current one, older mappers' vectors included.
-
-    Older mappers can be re-embedded from the cached features (`crossalign embed --mapper ID`).
-    Returns, per table, the versions before and after and the mappers whose vectors were dropped.
-    """
-    with workspace.lock("tables"):
-        return _cleanup_tables(workspace)
-
-
-def _cleanup_tables(workspace: Workspace) -> dict[str, dict[str, Any]]:
-    db = connect(workspace)
-    report = {}
-    for spec in MODALITIES:
-        if spec.table not in table_names(db):
-            continue
-        table = db.open_table(spec.table)
-        current = table_metadata(table.schema).get("mapper_id")
-        before, tags = len(table.list_versions()), table.tags.list()
-        for tag in tags:
-            table.tags.delete(tag)
-        with warnings.catch_warnings():  # "removes every version except the latest": what this command is for
-            warnings.filterwarnings("ignore", message="optimize.cleanup_older_than=0")
-            table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
-        if current:
-            _tag(table, current)
-        report[spec.table] = {"versions_before": before, "versions_after": len(table.list_versions()),
-                              "dropped_mappers": sorted(set(tags) - {current})}
-        logger.info("%s: %d versions -> %d", spec.table, before, report[spec.table]["versions_after"])
-    return report
