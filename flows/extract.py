@@ -10,7 +10,7 @@ from prefect.futures import PrefectFuture
 from crossalign.config import PipelineConfig
 from crossalign.extract.plan import MODALITIES, ShardsFailedError
 from flows import tasks
-from flows.runners import GPU_TAG, task_runner_for
+from flows.runners import GPU_TAG, shard_resources, task_runner_for
 
 
 @flow(name="extract-shards")
@@ -31,7 +31,9 @@ def extract_shards(config: PipelineConfig) -> list[dict[str, Any]]:
     summaries, failures, shard_count = [], [], 0
     for modality in MODALITIES:
         plan = tasks.plan_extraction(config, modality)
-        futures = shard_task.map(unmapped(config), unmapped(modality), range(len(plan["shards"])), plan["shards"])
+        with shard_resources(config.runner):
+            futures = shard_task.map(unmapped(config), unmapped(modality), range(len(plan["shards"])),
+                                     plan["shards"])
         results = _wait(futures)
         shard_count += len(futures)
         failures += [(f"extract-{modality}-shard-{number}", result) for number, result in enumerate(results)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -43,5 +45,19 @@ def task_runner_for(runner: RunnerConfig) -> TaskRunner:
             "local_directory": str(Path(tempfile.gettempdir()) / "crossalign-dask"),
             "dashboard_address": ":0",  # any free port: two runs at once must not clash
             "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+            **({"resources": dict(runner.dask_resources)} if runner.dask_resources else {}),
         },
     )
+
+
+@contextlib.contextmanager
+def shard_resources(runner: RunnerConfig) -> Iterator[None]:
+    """Submit the extraction tasks inside this: on Dask, each then holds `runner.dask_resources` on its worker
+    (`{"GPU": 1}` with workers started `--resources GPU=1`: one extraction per GPU at a time)."""
+    if runner.kind != "dask" or not runner.dask_resources:
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources=dict(runner.dask_resources)):
+        yield
