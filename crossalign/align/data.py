@@ -1,21 +1,51 @@
-"""Cached features of one corpus split, paired: images, captions, and which image each caption describes."""
+"""Features of one corpus split, paired: images, captions, and which image each caption describes.
+
+Two stores of the same rows, read through one interface (`PairedSplit`): `CachedSplit`, the split's
+cache files (`crossalign.align.split_cache`) read by row, whatever the split's size, which is what
+`fit_mapper` trains on; and `PairedFeatures`, the same rows as tensors in memory, for small splits
+and tests (`load_paired_features` builds the cache in a temporary directory and reads it back whole).
+Training, the CCA, the query bank and evaluation read either alike, so both give the same mapper.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from crossalign.corpus import read_captions, read_images
+from crossalign.align.rows import MemoryRows, Rows
+from crossalign.align.split_cache import IdColumn, build_split, ensure_split, open_split_files
 from crossalign.extract.features import FeatureSet
-from crossalign.workspace import Workspace, WorkspaceError
+from crossalign.workspace import Workspace
+
+
+class PairedSplit(Protocol):
+    """What training and evaluation read of a split (`PairedFeatures`, `CachedSplit`)."""
+
+    image_encoder: dict[str, Any]
+    text_encoder: dict[str, Any]
+
+    @property
+    def image_rows(self) -> Rows: ...
+
+    @property
+    def caption_rows(self) -> Rows: ...
+
+    @property
+    def pairs(self) -> np.ndarray:
+        """(N_captions,) integer: the image row of each caption."""
+
+    def image_keys(self) -> Any:
+        """The image ids of the image rows: a sequence sliced by block (`ids[start:stop]`) or by `take`."""
 
 
 @dataclass
 class PairedFeatures:
-    """Features of one split.
+    """Features of one split, in memory.
 
     Attributes:
         image_ids / caption_ids: ids in row order.
@@ -33,6 +63,21 @@ class PairedFeatures:
     image_encoder: dict[str, Any]
     text_encoder: dict[str, Any]
 
+    @property
+    def image_rows(self) -> Rows:
+        return MemoryRows(self.images)
+
+    @property
+    def caption_rows(self) -> Rows:
+        return MemoryRows(self.captions)
+
+    @property
+    def pairs(self) -> np.ndarray:
+        return self.caption_image.numpy()
+
+    def image_keys(self) -> list[str]:
+        return self.image_ids
+
     def subset_images(self, keep: np.ndarray) -> PairedFeatures:
         """The same split restricted to the image rows in `keep` (and their captions)."""
         new_index = np.full(len(self.image_ids), -1)
@@ -45,31 +90,64 @@ class PairedFeatures:
         )
 
 
-def load_paired_features(workspace: Workspace, corpus: str, split: str, image_encoder: str,
-                         text_encoder: str) -> PairedFeatures:
-    """Load the cached features of `split` of an ingested corpus.
+@dataclass
+class CachedSplit:
+    """Features of one split in its cache files (`crossalign.align.split_cache`), read by row on demand.
+
+    Memory holds `pairs` (4 bytes a caption) and nothing else per row.
+    """
+
+    directory: Path
+    image_rows: Rows
+    caption_rows: Rows
+    pairs: np.ndarray
+    image_ids: IdColumn
+    caption_ids: IdColumn
+    image_encoder: dict[str, Any]
+    text_encoder: dict[str, Any]
+
+    @classmethod
+    def open(cls, directory: Path) -> CachedSplit:
+        parts = open_split_files(directory)
+        meta = parts["meta"]
+        return cls(directory, parts["images"], parts["captions"], parts["caption_image"], parts["image_ids"],
+                   parts["caption_ids"], meta["image_encoder"], meta["text_encoder"])
+
+    def image_keys(self) -> IdColumn:
+        return self.image_ids
+
+    def to_memory(self) -> PairedFeatures:
+        """The whole split as tensors (small splits only)."""
+        return PairedFeatures(
+            self.image_ids.to_list(), self.caption_ids.to_list(), self.image_rows[:], self.caption_rows[:],
+            torch.from_numpy(self.pairs.astype(np.int64)), self.image_encoder, self.text_encoder)
+
+
+def open_split(workspace: Workspace, corpus: str, split: str, image_encoder: str, text_encoder: str) -> CachedSplit:
+    """The cached features of `split` of an ingested corpus, built once (chunk by chunk) and then reused.
 
     Images whose features failed are left out with their captions, and so are images with no caption.
 
     Raises:
         WorkspaceError: the split is empty, or features are missing (extract first).
     """
-    images = read_images(workspace, corpus, split)
-    captions = read_captions(workspace, corpus, split)
-    if images.num_rows == 0 or captions.num_rows == 0:
-        raise WorkspaceError(f"split {split!r} of corpus {corpus!r} has no images or no captions")
     image_features = FeatureSet.open(workspace, corpus, image_encoder)
     text_features = FeatureSet.open(workspace, corpus, text_encoder)
-    # The protocol ranks an image by its own captions: images without any (or without features) are left out.
-    captioned = set(captions.column("image_id").to_pylist()) - set(image_features.failed)
-    image_ids = [i for i in images.column("image_id").to_pylist() if i in captioned]
-    position = {image_id: row for row, image_id in enumerate(image_ids)}
-    pairs = [(c, position[i]) for c, i in zip(captions.column("caption_id").to_pylist(),
-                                              captions.column("image_id").to_pylist()) if i in position]
-    caption_ids = [c for c, _ in pairs]
-    _, image_vectors = image_features.read(image_ids)
-    _, text_vectors = text_features.read(caption_ids)
-    return PairedFeatures(
-        image_ids, caption_ids, torch.from_numpy(image_vectors), torch.from_numpy(text_vectors),
-        torch.tensor([p for _, p in pairs], dtype=torch.long), image_features.encoder, text_features.encoder,
-    )
+    return CachedSplit.open(ensure_split(workspace, corpus, split, image_features, text_features))
+
+
+def load_paired_features(workspace: Workspace, corpus: str, split: str, image_encoder: str,
+                         text_encoder: str) -> PairedFeatures:
+    """The features of `split` in memory: the same rows as `open_split`, read whole (small splits).
+
+    The split is laid out by the cache's builder in a temporary directory, so the workspace is not written.
+
+    Raises:
+        WorkspaceError: the split is empty, or features are missing (extract first).
+    """
+    image_features = FeatureSet.open(workspace, corpus, image_encoder)
+    text_features = FeatureSet.open(workspace, corpus, text_encoder)
+    with tempfile.TemporaryDirectory(prefix="crossalign-split-") as temporary:
+        directory = Path(temporary) / "split"
+        build_split(workspace, corpus, split, image_features, text_features, directory)
+        return CachedSplit.open(directory).to_memory()
