@@ -145,6 +145,8 @@ class TrainConfig(_Section):
     init_temperature: float = Field(default=0.07, gt=0)
     eval_every: int = Field(default=100, gt=0)
     seed: int = 0
+    device: str = Field(default="auto", description="Where the mapper trains: 'auto' (CUDA when available), 'cpu', "
+                        "'cuda', 'cuda:1' ... (features stream from the split's cache files either way).")
 
 
     @model_validator(mode="after")

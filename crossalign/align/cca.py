@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from crossalign.align.data import PairedFeatures
+from crossalign.align.data import PairedSplit
 from crossalign.align.mapper import JointMapper
+from crossalign.align.rows import blocks, chunk_rows
 
 
 def _inverse_sqrt(matrix: torch.Tensor) -> torch.Tensor:
@@ -14,11 +15,12 @@ def _inverse_sqrt(matrix: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_cca(train: PairedFeatures, dim: int | None = None, regularisation: float = 1.0,
+def fit_cca(train: PairedSplit, dim: int | None = None, regularisation: float = 1.0,
             power: float = 0.5) -> JointMapper:
     """A `JointMapper` whose linear maps are the top canonical directions of (image, caption) pairs.
 
-    Every caption is paired with its image's features; both sides are standardised first (the
+    Every caption is paired with its image's features, read in blocks (the covariances are summed block
+    by block in float64, so any split size fits in memory); both sides are standardised first (the
     statistics are saved in the mapper, as for a trained one). `regularisation` is added to the
     diagonal of each covariance (in units of the standardised variance, which is 1); each canonical
     direction is weighted by its correlation to the power `power`, so the strongest directions dominate.
@@ -28,15 +30,23 @@ def fit_cca(train: PairedFeatures, dim: int | None = None, regularisation: float
     Returns:
         A mapper with `dim` outputs (at most the smaller feature dimension; default: that minimum).
     """
-    k = min(train.images.shape[1], train.captions.shape[1], dim or 10**9)
-    model = JointMapper(train.images.shape[1], train.captions.shape[1], k)
-    model.fit_standardisation(train.images, train.captions)
-    x = model.standardise_image(train.images)[train.caption_image].double()
-    y = model.standardise_text(train.captions).double()
-    n = len(x)
-    cxx = x.T @ x / n + regularisation * torch.eye(x.shape[1], dtype=x.dtype)
-    cyy = y.T @ y / n + regularisation * torch.eye(y.shape[1], dtype=y.dtype)
-    cxy = x.T @ y / n
+    images, captions, pairs = train.image_rows, train.caption_rows, train.pairs
+    k = min(images.dim, captions.dim, dim or 10**9)
+    model = JointMapper(images.dim, captions.dim, k)
+    model.fit_standardisation(images, captions)
+    cxx = torch.zeros(images.dim, images.dim, dtype=torch.float64)
+    cyy = torch.zeros(captions.dim, captions.dim, dtype=torch.float64)
+    cxy = torch.zeros(images.dim, captions.dim, dtype=torch.float64)
+    for start, y in blocks(captions, chunk_rows(images.dim + captions.dim)):  # the covariances, block by block
+        x = model.standardise_image(images.take(pairs[start:start + len(y)])).double()
+        y = model.standardise_text(y).double()
+        cxx += x.T @ x
+        cyy += y.T @ y
+        cxy += x.T @ y
+    n = len(captions)
+    cxx = cxx / n + regularisation * torch.eye(images.dim, dtype=torch.float64)
+    cyy = cyy / n + regularisation * torch.eye(captions.dim, dtype=torch.float64)
+    cxy = cxy / n
     wx, wy = _inverse_sqrt(cxx), _inverse_sqrt(cyy)
     u, s, vh = torch.linalg.svd(wx @ cxy @ wy, full_matrices=False)
     weight = s[:k] ** power

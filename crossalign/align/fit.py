@@ -7,16 +7,19 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from crossalign.align.cca import fit_cca
-from crossalign.align.data import PairedFeatures, load_paired_features
+from crossalign.align.data import PairedSplit, open_split
+from crossalign.align.evaluation import evaluate_normalised, joint_vectors, model_device
 from crossalign.align.mapper import JointMapper, check_encoder
 from crossalign.align.mapper_dir import MapperDir, current_mapper, mappers_root, save_mapper, set_current_mapper
 from crossalign.align.metrics import metrics_table, normalised_metrics
-from crossalign.align.querybank import QueryBank, check_method, sample_rows
+from crossalign.align.querybank import QueryBank, check_method, ids_at, sample_rows
 from crossalign.align.report import recall_curves, write_report
 from crossalign.align.reuse import RECORD_KEY, training_record
+from crossalign.align.rows import Rows, chunk_rows
 from crossalign.align.train import TrainResult, evaluate_mapper, train_mapper
 from crossalign.config import QueryBankConfig, TrainConfig
 from crossalign.workspace import Workspace
@@ -55,10 +58,10 @@ def fit_mapper(
     config, querybank = config or TrainConfig(), querybank or QueryBankConfig()
     train_split, eval_split, method = config.train_split, config.eval_split, config.method
     train_options = config.model_dump(exclude={"train_split", "eval_split", "method"})
-    train = load_paired_features(workspace, corpus, train_split, image_encoder, text_encoder)
-    dev = load_paired_features(workspace, corpus, eval_split, image_encoder, text_encoder)
+    train = open_split(workspace, corpus, train_split, image_encoder, text_encoder)
+    dev = open_split(workspace, corpus, eval_split, image_encoder, text_encoder)
     logger.info("training on %d images / %d captions of %s:%s; selecting on %d images of %s",
-                len(train.images), len(train.captions), corpus, train_split, len(dev.images), eval_split)
+                len(train.image_rows), len(train.caption_rows), corpus, train_split, len(dev.image_rows), eval_split)
     if method == "cca":  # closed form, no training: the options that shape it are dim alone
         start = time.perf_counter()
         model = fit_cca(train, config.dim)
@@ -67,13 +70,15 @@ def fit_mapper(
         result = train_mapper(train, dev, **train_options)
     start = time.perf_counter()
     bank = build_querybank(result.model, train, querybank)
-    metrics, image_emb, text_emb = _evaluate(result.model, dev, bank, querybank.method)
+    with joint_vectors(result.model, dev) as (image_emb, text_emb):
+        metrics = normalised_metrics(image_emb, text_emb, dev.pairs, bank, querybank.method, dev.image_keys())
+        curves = recall_curves(image_emb, text_emb, dev.pairs, bank, querybank.method, dev.image_keys())
     bank_seconds = round(time.perf_counter() - start, 2)
     saved = {
         "kind": _kind(config),
         "depth": config.depth, "hidden": config.hidden, "blocks": config.blocks, "heads": config.heads,
         "loss": None if method == "cca" else config.loss,
-        "image_dim": train.images.shape[1], "text_dim": train.captions.shape[1],
+        "image_dim": train.image_rows.dim, "text_dim": train.caption_rows.dim,
         "dim": result.model.dim, "image_encoder": train.image_encoder,
         "text_encoder": train.text_encoder, "trained_on": {"corpus": corpus, "split": train_split},
         "selected_on": {"corpus": corpus, "split": eval_split}, "train_options": train_options,
@@ -84,8 +89,7 @@ def fit_mapper(
     mapper_id = save_mapper(result.model, saved, mappers_root(workspace), bank)
     mapper_dir = MapperDir.of(workspace, mapper_id)
     mapper_dir.write_metrics({"split": eval_split, "corpus": corpus, **metrics, "history": result.history})
-    write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", metrics,
-                 recall_curves(image_emb, text_emb, dev.caption_image, bank, querybank.method, dev.image_ids))
+    write_report(mapper_dir, f"{mapper_id} on {corpus}:{eval_split}", metrics, curves)
     set_current_mapper(workspace, mapper_id)
     logger.info("mapper %s saved (query bank and dev metrics in %.1fs); %s", mapper_id, bank_seconds,
                 metrics_table(metrics).replace("\n", " "))
@@ -106,24 +110,24 @@ def _kind(config: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def build_querybank(model: JointMapper, train: PairedFeatures, config: QueryBankConfig) -> QueryBank:
+def build_querybank(model: JointMapper, train: PairedSplit, config: QueryBankConfig) -> QueryBank:
     """The mapper's query bank: joint vectors of up to `config.size` training captions and images (a random
-    subsample of each when there are more), keyed by the image each belongs to."""
+    subsample of each when there are more, read by row), keyed by the image each belongs to."""
     model.eval()
-    captions = sample_rows(len(train.captions), config.size, config.seed)
-    images = sample_rows(len(train.images), config.size, config.seed)
-    return QueryBank(text=model.encode_text(train.captions[captions]), image=model.encode_image(train.images[images]),
-                     beta=config.beta, text_keys=tuple(train.image_ids[i] for i in train.caption_image[captions]),
-                     image_keys=tuple(train.image_ids[i] for i in images))
+    device = model_device(model)
+    captions = sample_rows(len(train.caption_rows), config.size, config.seed).numpy()
+    images = sample_rows(len(train.image_rows), config.size, config.seed).numpy()
+    keys = train.image_keys()
+    return QueryBank(text=_encode_taken(model.encode_text, train.caption_rows, captions, device),
+                     image=_encode_taken(model.encode_image, train.image_rows, images, device),
+                     beta=config.beta, text_keys=tuple(ids_at(keys, train.pairs[captions])),
+                     image_keys=tuple(ids_at(keys, images)))
 
 
-@torch.no_grad()
-def _evaluate(model: JointMapper, data: PairedFeatures, bank: QueryBank | None,
-              method: str) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    model.eval()
-    image_emb, text_emb = model.encode_image(data.images), model.encode_text(data.captions)
-    metrics = normalised_metrics(image_emb, text_emb, data.caption_image, bank, method, data.image_ids)
-    return metrics, image_emb, text_emb
+def _encode_taken(encode, rows: Rows, taken: np.ndarray, device: torch.device) -> torch.Tensor:
+    step = chunk_rows(rows.dim)
+    return torch.cat([encode(rows.take(taken[start:start + step]).to(device)).float().cpu()
+                      for start in range(0, len(taken), step)])
 
 
 def evaluate_current_mapper(workspace: Workspace, corpus: str, split: str,
@@ -139,9 +143,8 @@ def evaluate_current_mapper(workspace: Workspace, corpus: str, split: str,
     method = check_method(method or QueryBankConfig().method)
     mapper_dir = current_mapper(workspace)
     model, config = mapper_dir.load()
-    data = load_paired_features(workspace, corpus, split, config["image_encoder"]["encoder"],
-                                config["text_encoder"]["encoder"])
+    data = open_split(workspace, corpus, split, config["image_encoder"]["encoder"], config["text_encoder"]["encoder"])
     check_encoder(config, "image", data.image_encoder)
     check_encoder(config, "text", data.text_encoder)
-    metrics, _, _ = _evaluate(model, data, mapper_dir.querybank(config), method)
+    metrics = evaluate_normalised(model, data, mapper_dir.querybank(config), method)
     return {"mapper_id": config["mapper_id"], "corpus": corpus, "split": split, **metrics}

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossalign.align.rows import MemoryRows, Rows, column_statistics
+
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -97,11 +99,14 @@ class JointMapper(nn.Module):
         start = torch.tensor(math.log(1.0 / init_temperature))
         self.logit_scale = nn.Parameter(start if heads == 1 else start.repeat(heads))
 
-    def fit_standardisation(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-        """Set the per-dimension mean/std of each modality from training features."""
+    @torch.no_grad()
+    def fit_standardisation(self, image_features: torch.Tensor | Rows, text_features: torch.Tensor | Rows) -> None:
+        """Set the per-dimension mean/std of each modality from training features (tensors, or `Rows` of a
+        split on disk: read in blocks, `column_statistics`)."""
         for prefix, x in (("image", image_features), ("text", text_features)):
-            getattr(self, f"{prefix}_mean").copy_(x.mean(0))
-            getattr(self, f"{prefix}_std").copy_(x.std(0).clamp_min(1e-6))
+            mean, std = column_statistics(MemoryRows(x) if isinstance(x, torch.Tensor) else x)
+            getattr(self, f"{prefix}_mean").copy_(mean)
+            getattr(self, f"{prefix}_std").copy_(std.clamp_min(1e-6))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.standardise_image(x))

@@ -20,13 +20,17 @@ their raw scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
+import numpy as np
 import torch
 
 from crossalign.config import NormaliseMethod
+
+if TYPE_CHECKING:
+    from crossalign.align.rows import Rows
 
 METHODS: tuple[str, ...] = get_args(NormaliseMethod)
 CHUNK_ROWS = 4096
@@ -40,7 +44,7 @@ def check_method(method: str) -> str:
 
 
 @torch.no_grad()
-def bank_normaliser(gallery: torch.Tensor, bank: torch.Tensor, beta: float, chunk: int = CHUNK_ROWS,
+def bank_normaliser(gallery: torch.Tensor | Rows, bank: torch.Tensor, beta: float, chunk: int = CHUNK_ROWS,
                     gallery_keys: Sequence[str] | None = None, bank_keys: Sequence[str] | None = None) -> torch.Tensor:
     """(G,) float32: each gallery row's soft maximum similarity to the bank, `(1/β) log mean_b exp(β s(b, g))`.
 
@@ -145,7 +149,7 @@ class GalleryNorm:
         return torch.where(gate[:, None], adjusted, sims)
 
 
-def gallery_norm(method: str, gallery: torch.Tensor, bank: torch.Tensor | None, beta: float,
+def gallery_norm(method: str, gallery: torch.Tensor | Rows, bank: torch.Tensor | None, beta: float,
                  k: int = 1) -> GalleryNorm:
     """The `GalleryNorm` of `gallery` (G, d) against `bank` under `method` (`bank` unused with "none")."""
     if check_method(method) == "none":
@@ -155,7 +159,7 @@ def gallery_norm(method: str, gallery: torch.Tensor, bank: torch.Tensor | None, 
     normaliser = bank_normaliser(gallery, bank, beta)
     hub = None
     if method == "dynamic":
-        _, top_index = bank_top(gallery.split(CHUNK_ROWS), bank, k)
+        _, top_index = bank_top(gallery_blocks(gallery), bank, k)
         hub = hub_flags(len(gallery), top_index)
     return GalleryNorm(method, normaliser, hub)
 
@@ -182,7 +186,7 @@ class QueryBank:
             raise ValueError(f"unknown modality {gallery_modality!r}: use image or text")
         return (self.text, self.text_keys) if gallery_modality == "image" else (self.image, self.image_keys)
 
-    def normaliser(self, gallery: torch.Tensor, gallery_modality: str,
+    def normaliser(self, gallery: torch.Tensor | Rows, gallery_modality: str,
                    gallery_keys: Sequence[str] | None = None) -> torch.Tensor:
         """(G,) normalisers of joint vectors of `gallery_modality` (`bank_normaliser`); `gallery_keys` are
         the rows' image ids (an image's own, a caption's image's), to leave their own pairs out."""
@@ -191,7 +195,7 @@ class QueryBank:
             return bank_normaliser(gallery, bank, self.beta)
         return bank_normaliser(gallery, bank, self.beta, gallery_keys=gallery_keys, bank_keys=bank_keys)
 
-    def gallery_norm(self, method: str, gallery: torch.Tensor, gallery_modality: str,
+    def gallery_norm(self, method: str, gallery: torch.Tensor | Rows, gallery_modality: str,
                      gallery_keys: Sequence[str] | None = None, k: int = 1) -> GalleryNorm:
         """The `GalleryNorm` of a whole gallery (evaluation: every row at hand)."""
         if check_method(method) == "none":
@@ -199,9 +203,39 @@ class QueryBank:
         normaliser = self.normaliser(gallery, gallery_modality, gallery_keys)
         hub = None
         if method == "dynamic":
-            _, top_index = bank_top(gallery.split(CHUNK_ROWS), self.queries_for(gallery_modality)[0], k)
+            _, top_index = bank_top(gallery_blocks(gallery), self.queries_for(gallery_modality)[0], k)
             hub = hub_flags(len(gallery), top_index)
         return GalleryNorm(method, normaliser, hub)
+
+
+def gallery_blocks(gallery: torch.Tensor | Rows, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+    """`gallery` (a tensor or `Rows` on disk) in blocks of `rows`, in order."""
+    for start in range(0, len(gallery), rows):
+        yield gallery[start:start + rows]
+
+
+def ids_at(ids: Sequence[str], rows: np.ndarray | torch.Tensor) -> list[str]:
+    """The ids at `rows` of `ids`: a list, or a column read by index (`IdColumn.take`)."""
+    rows = np.asarray(rows)
+    take = getattr(ids, "take", None)
+    return take(rows) if callable(take) else [ids[i] for i in rows.tolist()]
+
+
+class PairKeys(Sequence[str]):
+    """The pair key (image id) of each caption row: `image_ids[caption_image[row]]`, computed per slice, so
+    a large split's caption keys are never held as one list of strings."""
+
+    def __init__(self, image_ids: Sequence[str], caption_image: torch.Tensor | np.ndarray) -> None:
+        self.image_ids = image_ids
+        self.caption_image = np.asarray(caption_image)
+
+    def __len__(self) -> int:
+        return len(self.caption_image)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return ids_at(self.image_ids, self.caption_image[index])
+        return ids_at(self.image_ids, self.caption_image[[index]])[0]
 
 
 def sample_rows(n: int, size: int, seed: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from crossalign.align.mapper_dir import MapperDir
 from crossalign.align.metrics import metrics_table, retrieval_ranks
-from crossalign.align.querybank import QueryBank
+from crossalign.align.querybank import PairKeys, QueryBank
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,7 +36,7 @@ def recall_curves(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image
     (`image_ids` as in `crossalign.align.metrics.normalised_metrics`)."""
     norms = {}
     if bank is not None and method != "none":
-        caption_keys = None if image_ids is None else [image_ids[i] for i in caption_image.tolist()]
+        caption_keys = None if image_ids is None else PairKeys(image_ids, caption_image)
         norms = {"image_norm": bank.gallery_norm(method, image_emb, "image", image_ids),
                  "text_norm": bank.gallery_norm(method, text_emb, "text", caption_keys)}
     t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, **norms)

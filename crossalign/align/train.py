@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from crossalign.align.cca import fit_cca
-from crossalign.align.data import PairedFeatures
+from crossalign.align.data import PairedFeatures, PairedSplit
+from crossalign.align.evaluation import evaluate_mapper
 from crossalign.align.loss import make_loss
 from crossalign.align.mapper import JointMapper
-from crossalign.align.metrics import retrieval_metrics
+from crossalign.align.rows import Rows
 from crossalign.config import TrainConfig
-from crossalign.encoders.base import cpu_supports_bf16
+from crossalign.encoders.base import cpu_supports_bf16, resolve_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -38,46 +40,45 @@ class TrainResult:
 class OneCaptionPerImageSampler:
     """Batches of distinct images, each with one of its captions drawn at random.
 
-    Captions of one image never share a batch, so none is used as a negative of its own image.
+    Captions of one image never share a batch, so none is used as a negative of its own image. Holds
+    a few int32 arrays per caption and image (16 bytes a pair), whatever the features' size.
     """
 
-    def __init__(self, caption_image: torch.Tensor, n_images: int, batch_size: int, generator: torch.Generator):
-        order = torch.argsort(caption_image, stable=True)
-        counts = torch.bincount(caption_image, minlength=n_images)
-        self._captions_by_image = order
-        self._offsets = torch.cumsum(counts, 0) - counts
-        self._counts = counts
-        self._images = torch.nonzero(counts > 0).flatten()
-        self._batch_size = min(batch_size, len(self._images))
+    def __init__(self, caption_image: torch.Tensor | np.ndarray, n_images: int, batch_size: int,
+                 generator: torch.Generator):
+        pairs = np.asarray(caption_image)
+        index = np.int32 if max(n_images, len(pairs)) < 2**31 else np.int64
+        counts = np.bincount(pairs, minlength=n_images).astype(index)
+        self._captions_by_image = torch.from_numpy(np.argsort(pairs, kind="stable").astype(index))
+        self._offsets = torch.from_numpy(np.cumsum(counts, dtype=np.int64).astype(index) - counts)
+        self._counts = torch.from_numpy(counts)
+        # every image of a cached split has a caption: its rows are then drawn from randperm(n) itself
+        self._images = None if counts.all() else torch.from_numpy(np.flatnonzero(counts).astype(index))
+        self._n_drawn = n_images if self._images is None else len(self._images)
+        self._batch_size = min(batch_size, self._n_drawn)
         self._generator = generator
         self._queue = torch.empty(0, dtype=torch.long)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self._queue) < self._batch_size:  # a new epoch over the images
-            self._queue = self._images[torch.randperm(len(self._images), generator=self._generator)]
-        images, self._queue = self._queue[:self._batch_size], self._queue[self._batch_size:]
+        if len(self._queue) < self._batch_size:  # a new epoch over the images (randperm's draws: any dtype)
+            order = torch.randperm(self._n_drawn, generator=self._generator, dtype=self._counts.dtype)
+            self._queue = order if self._images is None else self._images[order]
+        images, self._queue = self._queue[:self._batch_size].long(), self._queue[self._batch_size:]
         pick = (torch.rand(len(images), generator=self._generator) * self._counts[images]).long()
-        return images, self._captions_by_image[self._offsets[images] + pick]
-
-
-@torch.no_grad()
-def evaluate_mapper(model: JointMapper, data: PairedFeatures) -> dict[str, float]:
-    """Retrieval metrics of `model` on a split's features (the standard protocol)."""
-    model.eval()
-    return retrieval_metrics(model.encode_image(data.images), model.encode_text(data.captions), data.caption_image)
+        return images, self._captions_by_image[self._offsets[images] + pick].long()
 
 
 _D = TrainConfig()  # the defaults are the config's, written once there
 
 
 def train_mapper(
-    train: PairedFeatures, dev: PairedFeatures, *, dim: int = _D.dim, steps: int = _D.steps,
+    train: PairedSplit, dev: PairedSplit, *, dim: int = _D.dim, steps: int = _D.steps,
     batch_size: int = _D.batch_size, lr: float = _D.lr, weight_decay: float = _D.weight_decay,
     warmup_steps: int = _D.warmup_steps, input_dropout: float = _D.input_dropout,
     init_temperature: float = _D.init_temperature, eval_every: int = _D.eval_every, patience: int = 5,
     seed: int = _D.seed, loss: str = _D.loss, margin: float = _D.margin, precision: str = "auto",
     init: str = _D.init, depth: int = _D.depth, hidden: int = _D.hidden, dropout: float = _D.dropout,
-    blocks: int = _D.blocks, mixup_alpha: float = _D.mixup_alpha, heads: int = _D.heads,
+    blocks: int = _D.blocks, mixup_alpha: float = _D.mixup_alpha, heads: int = _D.heads, device: str = _D.device,
 ) -> TrainResult:
     """Train a `JointMapper` on `train` with `loss` (`crossalign.align.loss.LOSSES`); keep the state with
     the best dev rsum.
@@ -91,34 +92,48 @@ def train_mapper(
     mixup (`latent_mixup`, one λ ~ Beta(α, α) per step). `heads > 1` trains that many linear mappers of
     `dim / heads` outputs, with seeds `seed`, `seed + 1`, ..., each selected on its own, and stacks them
     into one mapper whose joint vectors are their concatenation (`JointMapper`): an ensemble.
+
+    `train` and `dev` are any `PairedSplit`: a `CachedSplit` on disk (what `fit_mapper` passes) or
+    `PairedFeatures` in memory. Training reads a batch of rows per step by index and every statistic in
+    blocks, so memory holds the model, the batch and the sampler's int32 arrays, not the split; the
+    same seed draws the same batches and reads the same values from either store, so both give the same
+    mapper. `device` "auto" trains on CUDA when there is one (the returned model is on the CPU);
+    `precision="auto"` there is bf16 autocast.
     """
     if heads > 1:
         return _train_heads(train, dev, heads, dim=dim, steps=steps, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, warmup_steps=warmup_steps, input_dropout=input_dropout,
                             init_temperature=init_temperature, eval_every=eval_every, patience=patience, seed=seed,
                             loss=loss, margin=margin, precision=precision, init=init, depth=depth, hidden=hidden,
-                            dropout=dropout, blocks=blocks, mixup_alpha=mixup_alpha)
+                            dropout=dropout, blocks=blocks, mixup_alpha=mixup_alpha, device=device)
     loss_fn = make_loss(loss, margin)
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown training precision {precision!r}: use auto, fp32 or bf16")
-    use_bf16 = precision == "bf16" or (precision == "auto" and cpu_supports_bf16())
+    target = resolve_runtime(device).device
+    use_bf16 = precision == "bf16" or (precision == "auto" and (
+        torch.cuda.is_bf16_supported() if target.type == "cuda" else cpu_supports_bf16()))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = JointMapper(train.images.shape[1], train.captions.shape[1], dim, input_dropout, init_temperature,
+    images, captions = train.image_rows, train.caption_rows
+    model = JointMapper(images.dim, captions.dim, dim, input_dropout, init_temperature,
                         depth=depth, hidden=hidden, dropout=dropout, blocks=blocks, heads=heads)
-    model.fit_standardisation(train.images, train.captions)
+    model.fit_standardisation(images, captions)
     if init == "cca":
         if depth != 1 or blocks or heads != 1:
             raise ValueError("init='cca' initialises a linear mapper (depth 1, no blocks, one head)")
         _init_from_cca(model, fit_cca(train, dim))
     elif init != "random":
         raise ValueError(f"unknown init {init!r}: use random or cca")
-    sampler = OneCaptionPerImageSampler(train.caption_image, len(train.images), batch_size, generator)
+    sampler = OneCaptionPerImageSampler(train.pairs, len(images), batch_size, generator)
     mixup = np.random.default_rng(seed) if mixup_alpha > 0 else None
-    with torch.no_grad():  # standardised once here, not at every step (and cast once, for bf16 steps)
-        train_images, train_captions = model.standardise_image(train.images), model.standardise_text(train.captions)
-        if use_bf16:
-            train_images, train_captions = train_images.bfloat16(), train_captions.bfloat16()
+    model.to(target)
+    step_dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    @torch.no_grad()
+    def batch(rows: torch.Tensor, store: Rows, standardise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        # standardised, then cast, elementwise: the values a whole split standardised up front would give
+        return standardise(store.take(rows.numpy()).to(target, non_blocking=True)).to(step_dtype)
+
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -129,12 +144,13 @@ def train_mapper(
     with tqdm(range(1, steps + 1), desc="train mapper", unit="step", disable=None) as bar:
         for step in bar:
             model.train()
-            images, captions = next(sampler)
-            image_x, text_x = train_images[images], train_captions[captions]
+            image_rows, caption_rows = next(sampler)
+            image_x = batch(image_rows, images, model.standardise_image)
+            text_x = batch(caption_rows, captions, model.standardise_text)
             if mixup is not None:
-                pairing = torch.randperm(len(images), generator=generator)
+                pairing = torch.randperm(len(image_rows), generator=generator).to(target)
                 image_x, text_x = latent_mixup(image_x, text_x, float(mixup.beta(mixup_alpha, mixup_alpha)), pairing)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_bf16):
                 image_emb = model.project_image(image_x)
                 text_emb = model.project_text(text_x)
             value = loss_fn(image_emb.float(), text_emb.float(), model.scale())
@@ -155,7 +171,7 @@ def train_mapper(
                 if stale >= patience:
                     logger.info("early stop at step %d: no dev improvement in %d evaluations", step, patience)
                     break
-    best.model.eval()
+    best.model.cpu().eval()
     best.seconds = round(time.perf_counter() - start, 2)
     logger.info("best dev rsum %.2f at step %d (%.1fs)", best.metrics["rsum"], best.best_step, best.seconds)
     return best
@@ -168,7 +184,7 @@ def latent_mixup(images: torch.Tensor, texts: torch.Tensor, lam: float,
     return lam * images + (1 - lam) * images[pairing], lam * texts + (1 - lam) * texts[pairing]
 
 
-def _train_heads(train: PairedFeatures, dev: PairedFeatures, heads: int, *, dim: int, seed: int,
+def _train_heads(train: PairedSplit, dev: PairedSplit, heads: int, *, dim: int, seed: int,
                  **options: Any) -> TrainResult:
     """`heads` linear mappers trained one after the other (seeds `seed` + h), stacked into one (see `train_mapper`)."""
     if options["depth"] != 1 or options["blocks"]:
