@@ -96,6 +96,10 @@ class ExtractConfig(_Section):
     )
     text_batch_size: int = Field(default=256, gt=0)
     shard_size: int = Field(default=4096, gt=0, description="Rows per Parquet feature shard.")
+    task_shards: int = Field(default=1, gt=0, description="Shards each extraction task encodes (more when the "
+                             "corpus would otherwise need over max_tasks tasks).")
+    max_tasks: int = Field(default=500, gt=0, description="Most extraction tasks per modality in one run: a 10M-item "
+                           "corpus gets 500 tasks of 5 shards, not 2,442 of one.")
     decode: DecodeMode = Field(
         default="auto",
         description="Decode images in a thread pool (auto on the CPU: measured faster here), in spawned worker "

@@ -15,7 +15,7 @@ from flows.runners import GPU_TAG, shard_resources, task_runner_for
 
 @flow(name="extract-shards")
 def extract_shards(config: PipelineConfig) -> list[dict[str, Any]]:
-    """Plan the missing shards of each modality and map `extract-shard` over them on this flow's task runner.
+    """Plan the missing work of each modality and map `extract-shard` over its units on this flow's task runner.
 
     Every shard runs to its end before a failure is raised, so a rerun encodes only the failed shards.
 
@@ -32,8 +32,8 @@ def extract_shards(config: PipelineConfig) -> list[dict[str, Any]]:
     for modality in MODALITIES:
         plan = tasks.plan_extraction(config, modality)
         with shard_resources(config.runner):
-            futures = shard_task.map(unmapped(config), unmapped(modality), range(len(plan["shards"])),
-                                     plan["shards"])
+            futures = shard_task.map(unmapped(config), unmapped(modality), range(len(plan["units"])),
+                                     plan["units"])
         results = _wait(futures)
         shard_count += len(futures)
         failures += [(f"extract-{modality}-shard-{number}", result) for number, result in enumerate(results)

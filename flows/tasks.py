@@ -28,6 +28,7 @@ from crossalign.extract import (
     extract_text_features,
     plan_shards,
 )
+from crossalign.extract.plan import index_features
 from crossalign.preflight import check_config
 from crossalign.search import Searcher
 from crossalign.store import embed_corpus
@@ -104,9 +105,11 @@ def _encoder_name(config: PipelineConfig, modality: str) -> str:
 
 @task(name="plan-shards", task_run_name="plan-{modality}-shards")
 def plan_extraction(config: PipelineConfig, modality: str) -> dict[str, Any]:
-    """The ids of `modality` that lack features, in chunks of `shard_size` (reads manifests; loads no model)."""
+    """The units of work of `modality`: ranges of the corpus table whose items lack features, at most
+    `max_tasks` of them (reads the table's ids and the features' id index; loads no model)."""
+    e = config.extract
     return plan_shards(_workspace(config), config.corpus.corpus_name, modality, _encoder_name(config, modality),
-                       config.extract.shard_size).to_dict()
+                       e.shard_size, max_tasks=e.max_tasks, task_shards=e.task_shards).to_dict()
 
 
 def _retry_unless_setup_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -123,14 +126,14 @@ def _retry_unless_setup_error(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="extract-shard", task_run_name="extract-{modality}-shard-{number}", retries=1, retry_delay_seconds=2,
       retry_condition_fn=_retry_unless_setup_error)
-def extract_shard(config: PipelineConfig, modality: str, number: int, ids: list[str]) -> dict[str, Any]:
-    """Encode planned shard `number` (`ids`) of `modality`: its summary, when it started and finished, and where.
+def extract_shard(config: PipelineConfig, modality: str, number: int, unit: dict[str, Any]) -> dict[str, Any]:
+    """Encode planned unit `number` of `modality`: its summary, when it started and finished, and where.
 
     Runs on a thread or a Dask worker alike: it gets names and paths only; the encoder is loaded once per process.
     """
     started = time.time()
     extract = extract_image_features if modality == "image" else extract_text_features
-    summary = extract(_workspace(config), config.corpus.corpus_name, config.extract, only_ids=ids)
+    summary = extract(_workspace(config), config.corpus.corpus_name, config.extract, unit=unit)
     return {"summary": summary.to_dict(), "started": started, "finished": time.time(),
             "process": f"{socket.gethostname()}:{os.getpid()}"}
 
@@ -141,6 +144,7 @@ def summarise_extraction(config: PipelineConfig, modality: str, plan: dict[str, 
     """One summary of a modality's finished shards; its time is theirs from the first start to the last end,
     and `processes` says how many processes (Dask workers, or the flow's own) ran them."""
     seconds = max(s["finished"] for s in shards) - min(s["started"] for s in shards) if shards else 0.0
+    index_features(_workspace(config), config.corpus.corpus_name, plan["encoder"])  # once, in bulk: see the ledger
     summary = combine_shard_summaries(ShardPlan(**plan), [ExtractSummary(**s["summary"]) for s in shards], seconds,
                                       config.extract.precision)
     return summary.to_dict() | {"processes": len({s["process"] for s in shards})}

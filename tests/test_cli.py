@@ -272,18 +272,19 @@ def test_extract_with_an_encoder_of_the_wrong_modality_fails_before_any_task_run
 
 def test_extract_over_features_of_another_encoder_setup_fails_before_any_task_runs(cli_workspace, tmp_path):
     """Every shard would refuse them (FeatureMismatchError): the pre-flight refuses them first, in one line."""
-    import json
     import shutil
 
     from prefect import get_client
 
+    from crossalign.extract import FeatureManifest
+
     corpus, workspace, _ = cli_workspace
     shutil.copytree(workspace, tmp_path / "ws")
     manifest_path = min((tmp_path / "ws" / "features" / "corpus").glob("*/_manifest.json"))
-    manifest = json.loads(manifest_path.read_text())
-    manifest["encoder"]["weights_digest"] = "0123456789abcdef"
-    manifest["shards"].pop()  # work for a run to do
-    manifest_path.write_text(json.dumps(manifest))
+    manifest = FeatureManifest.load(manifest_path.parent)
+    manifest.encoder["weights_digest"] = "0123456789abcdef"
+    manifest.shards.pop()  # work for a run to do
+    manifest.save(manifest_path.parent)
     with get_client(sync_client=True) as client:
         runs_before = client.count_flow_runs()
 
@@ -295,7 +296,7 @@ def test_extract_over_features_of_another_encoder_setup_fails_before_any_task_ru
         "use another workspace or remove that directory to re-extract"]
     with get_client(sync_client=True) as client:
         assert client.count_flow_runs() == runs_before
-    assert json.loads(manifest_path.read_text()) == manifest
+    assert FeatureManifest.load(manifest_path.parent) == manifest
 
 
 def test_a_user_error_inside_a_run_is_one_line_and_its_traceback_stays_in_the_run_logs(prefect_backend, tmp_path):

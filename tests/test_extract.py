@@ -49,11 +49,11 @@ SHARD = 4
 
 
 def extract_images(workspace: Workspace, split: str | None = None, only_ids: list[str] | None = None,
-                   **options) -> ExtractSummary:
+                   unit: dict | None = None, **options) -> ExtractSummary:
     """Extract the tiny corpus's images; `options` are `ExtractConfig` fields over the tests' defaults."""
     config = ExtractConfig(image_encoder=IMAGE_ENCODER, **{"num_workers": 0, "shard_size": SHARD, **ENCODER_RUNTIME,
                                                            **options})
-    return extract_image_features(workspace, CORPUS, config, split=split, only_ids=only_ids)
+    return extract_image_features(workspace, CORPUS, config, split=split, only_ids=only_ids, unit=unit)
 
 
 def extract_texts(workspace: Workspace, split: str | None = None, only_ids: list[str] | None = None,
@@ -119,11 +119,12 @@ def test_extraction_writes_shards_and_a_manifest(ingested: Workspace) -> None:
     assert manifest["encoder"] == encoder.describe()
     assert manifest["encoder"]["encoder"] == IMAGE_ENCODER and manifest["encoder"]["dim"] == 1280
     assert manifest["encoder"]["preprocessing"]["size"] == 224
-    assert manifest["dtype"] == "float32" and manifest["failed"] == {}
-    assert manifest["shards"] == [{"file": f"part-{i:05d}.parquet", "rows": SHARD} for i in range(3)]
+    recorded = FeatureManifest.load(image_dir(ingested))  # shards and failures: the ledger's record
+    assert manifest["dtype"] == "float32" and recorded.failed == {}
+    assert recorded.shards == [{"file": f"part-{i:05d}.parquet", "rows": SHARD} for i in range(3)]
     assert sorted(p.name for p in image_dir(ingested).iterdir()) == [
-        "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    for shard in manifest["shards"]:
+        "_manifest.json", "_manifest.sqlite", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for shard in recorded.shards:
         assert pq.read_schema(image_dir(ingested) / shard["file"]).equals(features_schema(1280), check_metadata=False)
     ids, vectors = read_features(image_dir(ingested))
     assert len(ids) == len(set(ids)) == 12 and set(ids) == set(image_ids(ingested))
@@ -259,15 +260,33 @@ def test_extracting_one_split_then_all_encodes_each_image_once(ingested: Workspa
 )
 def test_features_of_another_encoder_setup_are_refused(extracted: tuple[Path, Workspace], change: dict) -> None:
     _, workspace = extracted
-    path = image_dir(workspace) / "_manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["encoder"].update(change)
-    manifest["shards"].pop()  # so that a run that wrongly went ahead would have work to do
-    path.write_text(json.dumps(manifest))
+    manifest = FeatureManifest.load(image_dir(workspace))
+    manifest.encoder.update(change)
+    manifest.shards.pop()  # so that a run that wrongly went ahead would have work to do
+    manifest.save(image_dir(workspace))
 
     with pytest.raises(FeatureMismatchError, match=f"differs in: {next(iter(change))}"):
         extract_images(workspace)
-    assert json.loads(path.read_text()) == manifest, "the refused directory was modified"
+    assert FeatureManifest.load(image_dir(workspace)) == manifest, "the refused directory was modified"
+
+
+def test_a_manifest_of_an_older_crossalign_moves_into_the_ledger(extracted: tuple[Path, Workspace]) -> None:
+    """Before the ledger, `_manifest.json` listed the shards and failures itself: such a directory reads the same,
+    and a second extraction finds nothing to do."""
+    _, workspace = extracted
+    directory = image_dir(workspace)
+    manifest = FeatureManifest.load(directory)
+    ids, vectors = read_features(directory)
+    manifest.failed["no-such-image"] = "OSError: gone"
+    (directory / "_manifest.sqlite").unlink()
+    (directory / "_manifest.json").write_text(json.dumps(
+        {"encoder": manifest.encoder, "dtype": "float32", "shards": manifest.shards, "failed": manifest.failed}))
+
+    assert FeatureManifest.load(directory) == manifest
+    assert "shards" not in json.loads((directory / "_manifest.json").read_text())
+    again_ids, again = read_features(directory, ids)
+    assert again_ids == ids and np.array_equal(again, vectors)
+    assert (extract_images(workspace).encoded, extract_images(workspace).already_done) == (0, 12)
 
 
 def test_shard_renamed_but_not_recorded_is_overwritten(extracted: tuple[Path, Workspace]) -> None:
@@ -541,18 +560,18 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path)
     killed, clean = Workspace(tmp_path / "killed"), Workspace(tmp_path / "clean")
     for workspace in (killed, clean):
         ingest_corpus(CorpusConfig(root=corpus, name="tiny"), workspace)
-    manifest = killed.features_dir("tiny", IMAGE_ENCODER) / "_manifest.json"
+    directory = killed.features_dir("tiny", IMAGE_ENCODER)
     script = tmp_path / "extract.py"
     script.write_text(KILLABLE_EXTRACTION)
     process = subprocess.Popen([sys.executable, str(script), str(killed.root)])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+        if (directory / "_manifest.json").exists() and FeatureManifest.load(directory).shards:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    shards_before = len(json.loads(manifest.read_text())["shards"])
+    shards_before = len(FeatureManifest.load(directory).shards)
     assert 1 <= shards_before < 6, "the run was not killed in the middle (48 images make 6 shards)"
 
     config = ExtractConfig(image_encoder=IMAGE_ENCODER, image_batch_size=4, shard_size=8, num_workers=0,
@@ -749,22 +768,29 @@ def test_an_extraction_waits_for_the_claim_on_its_ids(ingested: Workspace) -> No
     assert not worker.is_alive() and sorted(read_features(image_dir(ingested))[0]) == sorted(ids)
 
 
-def test_plan_cuts_the_missing_ids_into_shards(extracted: tuple[Path, Workspace]) -> None:
+def test_plan_cuts_the_missing_ids_into_units_of_table_rows(extracted: tuple[Path, Workspace]) -> None:
     from crossalign.extract import plan_shards
 
     corpus, workspace = extracted
     write_records(corpus, [write_picture(corpus, i, "train") for i in (12, 13, 14, 15, 16)], mode="a")
     ingest_corpus(CorpusConfig(root=corpus, name=CORPUS), workspace)
-    new = [item for item in image_ids(workspace) if item not in read_features(image_dir(workspace))[0]]
+    table_ids = image_ids(workspace)  # in table order: the new images come last
+    new = [item for item in table_ids if item not in read_features(image_dir(workspace))[0]]
+
+    def rows(plan) -> list[list[str]]:  # the ids of each unit's table rows
+        return [table_ids[unit["start"]:unit["stop"]] for unit in plan.units]
 
     plan = plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2)
 
-    assert (plan.total, plan.already_done) == (17, 12) and plan.shards == [new[:2], new[2:4], new[4:]]
+    assert (plan.total, plan.already_done) == (17, 12) and rows(plan) == [new[:2], new[2:4], new[4:]]
+    assert [unit["pending"] for unit in plan.units] == [2, 2, 1] and len(json.dumps(plan.to_dict())) < 2000
     composite = plan_shards(workspace, CORPUS, "image", f"{IMAGE_ENCODER},{IMAGE_ENCODER}+flip", shard_size=8)
-    assert composite.already_done == 0 and [len(s) for s in composite.shards] == [8, 8, 1]  # +flip: never extracted
-    summary = extract_images(workspace, only_ids=plan.shards[1])
+    assert composite.already_done == 0 and [u["pending"] for u in composite.units] == [8, 8, 1]  # +flip: never
+    summary = extract_images(workspace, unit=plan.units[1])
     assert (summary.encoded, summary.already_done) == (2, 0)
-    assert plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2).shards == [new[:2], new[4:]]
+    assert rows(plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=2)) == [new[:2], new[4:]]
+    bounded = plan_shards(workspace, CORPUS, "image", IMAGE_ENCODER, shard_size=1, max_tasks=2).units
+    assert len(bounded) <= 2 and sum(unit["pending"] for unit in bounded) == 3  # 17 rows: units of 9 at most
     with pytest.raises(ValueError, match="use one of image, text"):
         plan_shards(workspace, CORPUS, "audio", IMAGE_ENCODER, shard_size=2)
 
@@ -819,7 +845,7 @@ def test_an_alias_extracts_once_and_finds_nothing_left_on_the_second_run(
                                 ("text", [text_alias, f"hf:{minilm}"])):
         for spelling in spellings:
             plan = plan_shards(ingested, CORPUS, modality, spelling, shard_size=SHARD)
-            assert (plan.encoder, plan.already_done, plan.shards) == (spellings[1], plan.total, []), spelling
+            assert (plan.encoder, plan.already_done, plan.units) == (spellings[1], plan.total, []), spelling
             features = FeatureSet.open(ingested, CORPUS, spelling)
             assert features.name == spellings[1] and features.encoder["encoder"] == spellings[1]
             table = read_images(ingested, CORPUS) if modality == "image" else read_captions(ingested, CORPUS)

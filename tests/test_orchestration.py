@@ -173,11 +173,11 @@ def test_a_shard_that_fails_twice_fails_the_run_and_the_others_stay_done(
     doomed = expected_ids(config)[IMAGE_ENCODER][SHARD]  # first id of image shard 1
     real, attempts = flows.tasks.extract_image_features, []
 
-    def flaky_disk(*args, only_ids=None, **kwargs):
-        if doomed in only_ids:
+    def flaky_disk(*args, unit, **kwargs):
+        if unit["start"] <= SHARD < unit["stop"]:  # the unit of table row SHARD: the doomed image
             attempts.append(1)
             raise OSError("Input/output error (simulated)")
-        return real(*args, only_ids=only_ids, **kwargs)
+        return real(*args, unit=unit, **kwargs)
 
     monkeypatch.setattr(flows.tasks, "extract_image_features", flaky_disk)
     with pytest.raises(ShardsFailedError, match=r"1 of 10 extraction shards failed \(extract-image-shard-1\); "
@@ -208,10 +208,10 @@ def test_features_of_another_encoder_setup_fail_the_run_without_retries(
     shutil.copytree(threads_config.workspace, tmp_path / "ws")
     config = threads_config.model_copy(update={"workspace": tmp_path / "ws"})
     directory = Workspace(config.workspace).features_dir(CORPUS, IMAGE_ENCODER)
-    manifest = json.loads((directory / "_manifest.json").read_text())
-    manifest["encoder"]["weights_digest"] = "0123456789abcdef"
-    manifest["shards"].pop()  # work for the run to do
-    (directory / "_manifest.json").write_text(json.dumps(manifest))
+    manifest = FeatureManifest.load(directory)
+    manifest.encoder["weights_digest"] = "0123456789abcdef"
+    manifest.shards.pop()  # work for the run to do
+    manifest.save(directory)
 
     with pytest.raises(FeatureMismatchError, match=r"\(differs in: weights_digest\)"):
         extract_flow(config)  # its pre-flight loads the encoders and compares them with the features on disk
@@ -220,7 +220,7 @@ def test_features_of_another_encoder_setup_fail_the_run_without_retries(
     with pytest.raises(ShardsFailedError, match=mismatch):
         extract_stage(config)  # the shards check too (on Dask workers the pre-flight loads no encoder)
     assert len(calls) == 1  # a setup error is not retried: it would fail again
-    assert json.loads((directory / "_manifest.json").read_text()) == manifest
+    assert FeatureManifest.load(directory) == manifest
 
 
 RUN_PIPELINE = """

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
 from crossalign.encoders.registry import load_encoder_for
-from crossalign.extract.manifest import FeatureManifest, claim
-from crossalign.extract.shards import ShardWriter, done_ids
+from crossalign.extract.manifest import check_identity, claim
+from crossalign.extract.shards import Scope, ShardWriter, pending
 from crossalign.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class ExtractSummary:
     wait_s: float = 0.0  # waiting for decoded inputs
     encode_s: float = 0.0  # in the encoder's forward
     write_s: float = 0.0  # writing shards
+    commit_s: list[float] = field(default_factory=list)  # each shard's commit (manifest lock held), in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,27 +114,37 @@ def run_extraction(
     encoder: ImageEncoder | TextEncoder, ids: list[str], directory: Path,
     batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
     encode: Callable[[object], torch.Tensor], shard_size: int, description: dict[str, Any] | None = None,
+    scope: Scope | None = None, planned: int | None = None,
 ) -> ExtractSummary:
-    """Shared runner: skip done ids, claim the rest, encode them batch by batch, flush complete shards."""
-    description = description or encoder.describe()
-    FeatureManifest.open_for(directory, description)  # refuse another encoder's features before any work
-    todo = _todo(ids, directory)
+    """Shared runner: skip done ids, claim the rest, encode them batch by batch, flush complete shards.
+
+    `scope` says what the caller's plan already checked (see `pending`); without one the whole
+    directory's index is consulted. `planned`: how many of `ids` the plan found without features (the
+    others count as done in the plan's summary, not this one's).
+    """
+    description, scope = description or encoder.describe(), scope or Scope()
+    check_identity(directory, description)  # refuse another encoder's features before any work
+    todo, since = _todo(ids, directory, scope)
     with claim(directory, [ids[i] for i in todo]) if todo else contextlib.nullcontext():
-        todo = _todo(ids, directory)  # what is left once a run that held the same claim has finished
-        return _encode_todo(encoder, ids, todo, directory, description, batches, encode, shard_size)
+        todo, since = _todo(ids, directory, scope)  # what is left once a run that held the same claim has finished
+        writer = ShardWriter(directory, description, since, scope.plan, scope.unit)
+        summary = _encode_todo(encoder, ids, todo, writer, batches, encode, shard_size)
+    if planned is not None:  # done meanwhile (by another run) is what the plan counted pending, less this run's
+        summary.already_done = max(0, planned - len(todo)) + writer.dropped
+    return summary
 
 
-def _todo(ids: list[str], directory: Path) -> list[int]:
-    done = done_ids(directory)
-    return [i for i, item in enumerate(ids) if item not in done]
+def _todo(ids: list[str], directory: Path, scope: Scope) -> tuple[list[int], int]:
+    missing, since = pending(directory, ids, scope.since, scope.plan, scope.unit)
+    return [i for i, miss in enumerate(missing) if miss], since
 
 
 def _encode_todo(
-    encoder: ImageEncoder | TextEncoder, ids: list[str], todo: list[int], directory: Path,
-    description: dict[str, Any], batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
+    encoder: ImageEncoder | TextEncoder, ids: list[str], todo: list[int], writer: ShardWriter,
+    batches: Callable[[list[int]], Iterable[tuple[list[int], object, list[str]]]],
     encode: Callable[[object], torch.Tensor], shard_size: int,
 ) -> ExtractSummary:
-    writer = ShardWriter(directory, description)
+    directory = writer.directory
     logger.info("%s: %d to encode, %d already done (%s)", encoder.name, len(todo), len(ids) - len(todo), directory)
     model_lock = _model_lock(encoder)
     encode = BackoffEncoder(encode)
@@ -200,5 +211,6 @@ def _encode_todo(
         failed=failed, seconds=round(seconds, 3),
         items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
         features_dir=str(directory), precision=encoder.runtime.precision,
+        commit_s=[round(t, 5) for t in writer.commit_seconds],
         **{f"{key}_s": round(value, 3) for key, value in timing.items()},
     )

@@ -6,9 +6,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
@@ -20,9 +22,10 @@ from torch.utils.data import Dataset
 
 from crossalign.config import CompileMode, DecodeMode, ExtractConfig, GpuDecodeMode
 from crossalign.corpus import read_captions, read_images
-from crossalign.encoders import ImageEncoder
+from crossalign.corpus.rows import in_split, read_rows
+from crossalign.encoders import ImageEncoder, TextEncoder
 from crossalign.encoders.base import can_compile_on_cpu
-from crossalign.encoders.composite import SEPARATOR, composite_parts
+from crossalign.encoders.composite import composite_parts
 from crossalign.encoders.registry import canonical_name
 from crossalign.extract.decode_pool import decode_image, decoded_batches
 from crossalign.extract.encoding import (
@@ -33,8 +36,16 @@ from crossalign.extract.encoding import (
 )
 from crossalign.extract.features import features_dirs
 from crossalign.extract.gpu_decode import gpu_decoded_batches, gpu_decoder, import_nvimgcodec
-from crossalign.extract.manifest import FeatureManifest
-from crossalign.extract.shards import done_ids
+from crossalign.extract.manifest import check_identity
+from crossalign.extract.plan import (
+    ID_COLUMNS,
+    PlanUnit,
+    combine_shard_summaries,
+    corpus_table,
+    index_features,
+    plan_shards,
+)
+from crossalign.extract.shards import Scope
 from crossalign.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -97,6 +108,9 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 # "auto" compiles the image encoder on the CPU when at least this many images wait for it: compiling
 # costs 15-45 s on 2 cores and saves about 6 ms an image (Lite0 fp16: 60 -> 90+ images/s).
 COMPILE_MIN_IMAGES = 5_000
+# A call without a plan unit runs the corpus in units of at least this many items, one after the other:
+# memory holds one unit; tasks of a flow are smaller (`ExtractConfig.task_shards`) to spread over workers.
+LIBRARY_UNIT_ROWS = 65_536
 
 
 def should_compile(setting: str, device: torch.device, pending: Callable[[], int]) -> bool:
@@ -145,7 +159,7 @@ def default_num_workers(decode: str = "threads", on_gpu: bool = False) -> int:
 
 def extract_image_features(
     workspace: Workspace, corpus: str, config: ExtractConfig | None = None, *, split: str | None = None,
-    only_ids: list[str] | None = None,
+    only_ids: list[str] | None = None, unit: PlanUnit | dict[str, Any] | None = None,
 ) -> ExtractSummary:
     """Encode the corpus images that have no features yet for `config.image_encoder` (of them, only `only_ids` if
     given; of `split` if given), as `config` says (default `ExtractConfig()`).
@@ -167,8 +181,9 @@ def extract_image_features(
 
     Several calls may run at once on one features directory (threads, processes, machines): each
     writes only ids no other call recorded first (see `ShardWriter`), and a call whose ids another
-    call is encoding waits for it and then skips them (see `claim`). `only_ids` (one planned shard,
-    see `plan_shards`) lets a task per shard run anywhere.
+    call is encoding waits for it and then skips them (see `claim`). `unit` (one unit of a plan, see
+    `plan_shards`) lets a task per unit run anywhere; without one (nor `only_ids`) the call plans the
+    corpus itself and runs its units in turn, so memory holds one unit, whatever the corpus size.
 
     Returns:
         An `ExtractSummary`.
@@ -176,28 +191,58 @@ def extract_image_features(
     Raises:
         FeatureMismatchError: the features directory belongs to another encoder setup.
     """
-    config = config or ExtractConfig()
-    resolve_decode(config.decode, on_gpu=False)  # an unknown mode fails before any work
-    if SEPARATOR in config.image_encoder:  # several image encoders: each part into its own features directory
-        parts = [extract_image_features(workspace, corpus, config.model_copy(update={"image_encoder": part}),
-                                        split=split, only_ids=only_ids)
-                 for part in composite_parts(config.image_encoder)]
-        return combine_summaries(canonical_name(config.image_encoder), parts)
-    encoder = load_encoder_once(config.image_encoder, config.device, config.precision, modality="image")
-    all_images = read_images(workspace, corpus, split)
-    images = _only(all_images, "image_id", only_ids)
+    return _extract("image", workspace, corpus, config or ExtractConfig(), split, only_ids, unit)
+
+
+def _extract(modality: str, workspace: Workspace, corpus: str, config: ExtractConfig, split: str | None,
+             only_ids: list[str] | None, unit: PlanUnit | dict[str, Any] | None) -> ExtractSummary:
+    """`extract_image_features` / `extract_text_features`: the whole corpus unit by unit, or one unit (or
+    `only_ids`), each part of a composite encoder into its own features directory."""
+    name = config.image_encoder if modality == "image" else config.text_encoder
+    if modality == "image":
+        resolve_decode(config.decode, on_gpu=False)  # an unknown mode fails before any work
+    parts = composite_parts(canonical_name(name))
+    encoders = [load_encoder_once(part, config.device, config.precision, modality=modality) for part in parts]
+    if unit is None and only_ids is None:
+        start = time.perf_counter()
+        task_shards = max(config.task_shards, -(-LIBRARY_UNIT_ROWS // config.shard_size))
+        plan = plan_shards(workspace, corpus, modality, name, config.shard_size, split, config.max_tasks, task_shards)
+        done = [_extract(modality, workspace, corpus, config, split, None, item) for item in plan.units]
+        index_features(workspace, corpus, name)
+        return combine_shard_summaries(plan, done, time.perf_counter() - start, encoders[0].runtime.precision)
+    if isinstance(unit, dict):
+        unit = PlanUnit.from_dict(unit)
+    items = _items(workspace, corpus, modality, split, only_ids, unit)
+    run = _image_part if modality == "image" else _text_part
+    summaries = []
+    for number, (encoder, directory) in enumerate(zip(encoders, features_dirs(workspace, corpus, name))):
+        scope = Scope() if unit is None else Scope(unit.since[number], unit.plan, unit.start)
+        planned = None if unit is None else (unit.pending, unit.plan_pending)
+        summaries.append(run(encoder, items, directory, config, scope, planned))
+    return summaries[0] if len(parts) == 1 else combine_summaries(canonical_name(name), summaries)
+
+
+def _items(workspace: Workspace, corpus: str, modality: str, split: str | None, only_ids: list[str] | None,
+           unit: PlanUnit | None) -> pa.Table:
+    """The corpus rows to encode: a plan unit's rows of its split, else `only_ids` (of `split`)."""
+    if unit is None:
+        table = read_images(workspace, corpus, split) if modality == "image" else read_captions(workspace, corpus,
+                                                                                                  split)
+        return _only(table, ID_COLUMNS[modality], only_ids)
+    table = read_rows(corpus_table(workspace, corpus, modality), unit.start, unit.stop, identity=unit.identity)
+    return table.filter(in_split(table, unit.split))
+
+
+def _image_part(encoder: ImageEncoder, images: pa.Table, directory: Path, config: ExtractConfig, scope: Scope,
+                planned: tuple[int, int] | None) -> ExtractSummary:
     ids, uris = images.column("image_id").to_pylist(), images.column("uri").to_pylist()
     size = encoder.preprocessing.get("size", 224)
-    (directory,) = features_dirs(workspace, corpus, config.image_encoder)
     on_gpu = encoder.runtime.device.type == "cuda"
     decode = resolve_decode(config.decode, on_gpu)
     batch_size = config.image_batch_size or (256 if on_gpu else 32)
+    waiting = planned[1] if planned else len(ids)  # images of the whole plan without features
 
-    def pending() -> int:  # images of the corpus (all shards) without features
-        done = done_ids(directory)
-        return sum(1 for image_id in all_images.column("image_id").to_pylist() if image_id not in done)
-
-    if not encoder.compiled and should_compile(config.compile, encoder.runtime.device, pending):
+    if not encoder.compiled and should_compile(config.compile, encoder.runtime.device, lambda: waiting):
         logger.info("%s: compiling the encoder (once per process)", encoder.name)
         encoder.compile(batch_size)
     num_workers = default_num_workers(decode, on_gpu) if config.num_workers is None else config.num_workers
@@ -229,7 +274,26 @@ def extract_image_features(
     # would take the cores that the decode workers need.
     with _torch_threads(min(4, torch.get_num_threads()) if on_gpu else None):
         return run_extraction(encoder, ids, directory, batches, encoder.encode, config.shard_size,
-                              description=describe_with_decoder(encoder, decode))
+                              describe_with_decoder(encoder, decode), scope, planned and planned[0])
+
+
+def _text_part(encoder: TextEncoder, captions: pa.Table, directory: Path, config: ExtractConfig, scope: Scope,
+               planned: tuple[int, int] | None) -> ExtractSummary:
+    ids, texts = captions.column("caption_id").to_pylist(), captions.column("text").to_pylist()
+    shard_size = config.shard_size
+
+    def batches(todo: list[int]) -> Iterator[tuple[list[int], list[str], list[str]]]:
+        # One shard's worth at a time: the encoder sorts by length inside it to avoid padding.
+        for start in range(0, len(todo), shard_size):
+            chunk = todo[start:start + shard_size]
+            yield chunk, [texts[i] for i in chunk], [""] * len(chunk)
+
+    def encode_unique(batch: list[str]) -> torch.Tensor:
+        unique, inverse = np.unique(np.asarray(batch, dtype=object), return_inverse=True)
+        return encoder.encode(list(unique), batch_size=config.text_batch_size)[torch.from_numpy(inverse)]
+
+    return run_extraction(encoder, ids, directory, batches, encode_unique, shard_size, None, scope,
+                          planned and planned[0])
 
 
 def check_features_match(workspace: Workspace, corpus: str, config: ExtractConfig) -> None:
@@ -247,7 +311,7 @@ def check_features_match(workspace: Workspace, corpus: str, config: ExtractConfi
             on_gpu = encoder.runtime.device.type == "cuda"
             description = (describe_with_decoder(encoder, resolve_decode(config.decode, on_gpu))
                            if modality == "image" else encoder.describe())
-            FeatureManifest.open_for(directory, description)
+            check_identity(directory, description)
 
 
 def combine_summaries(name: str, parts: list[ExtractSummary]) -> ExtractSummary:
@@ -261,7 +325,7 @@ def combine_summaries(name: str, parts: list[ExtractSummary]) -> ExtractSummary:
         items_per_s=round(encoded / seconds, 1) if seconds and encoded else 0.0,
         features_dir=",".join(part.features_dir for part in parts), precision=parts[0].precision,
         wait_s=sum(p.wait_s for p in parts), encode_s=sum(p.encode_s for p in parts),
-        write_s=sum(p.write_s for p in parts),
+        write_s=sum(p.write_s for p in parts), commit_s=[t for p in parts for t in p.commit_s],
     )
 
 
@@ -297,30 +361,8 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 
 def extract_text_features(
     workspace: Workspace, corpus: str, config: ExtractConfig | None = None, *, split: str | None = None,
-    only_ids: list[str] | None = None,
+    only_ids: list[str] | None = None, unit: PlanUnit | dict[str, Any] | None = None,
 ) -> ExtractSummary:
     """Encode the corpus captions that have no features yet for `config.text_encoder` (see
     `extract_image_features`)."""
-    config = config or ExtractConfig()
-    if SEPARATOR in config.text_encoder:  # several text encoders: each part into its own features directory
-        parts = [extract_text_features(workspace, corpus, config.model_copy(update={"text_encoder": part}),
-                                       split=split, only_ids=only_ids)
-                 for part in composite_parts(config.text_encoder)]
-        return combine_summaries(canonical_name(config.text_encoder), parts)
-    encoder = load_encoder_once(config.text_encoder, config.device, config.precision, modality="text")
-    captions = _only(read_captions(workspace, corpus, split), "caption_id", only_ids)
-    ids, texts = captions.column("caption_id").to_pylist(), captions.column("text").to_pylist()
-    (directory,) = features_dirs(workspace, corpus, config.text_encoder)
-    shard_size = config.shard_size
-
-    def batches(todo: list[int]) -> Iterator[tuple[list[int], list[str], list[str]]]:
-        # One shard's worth at a time: the encoder sorts by length inside it to avoid padding.
-        for start in range(0, len(todo), shard_size):
-            chunk = todo[start:start + shard_size]
-            yield chunk, [texts[i] for i in chunk], [""] * len(chunk)
-
-    def encode_unique(batch: list[str]) -> torch.Tensor:
-        unique, inverse = np.unique(np.asarray(batch, dtype=object), return_inverse=True)
-        return encoder.encode(list(unique), batch_size=config.text_batch_size)[torch.from_numpy(inverse)]
-
-    return run_extraction(encoder, ids, directory, batches, encode_unique, shard_size)
+    return _extract("text", workspace, corpus, config or ExtractConfig(), split, only_ids, unit)

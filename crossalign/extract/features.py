@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from crossalign.encoders.composite import composite_description, composite_parts
 from crossalign.encoders.registry import canonical_name
@@ -71,20 +70,26 @@ class FeatureSet:
         parts = [read_features(directory, ids)[1] for directory in self.directories]
         return list(ids), parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
-    def chunks(self, ids: list[str], rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
-        """(ids, vectors) of `ids`, at most `rows` at a time: each id once, in the order its features are stored.
+    def reader(self) -> Callable[[list[str]], np.ndarray]:
+        """A function from ids to their vectors (a composite's parts side by side), located through the id index
+        and read shard by shard: call it chunk by chunk, and memory holds a chunk and a shard per part,
+        whatever the corpus size. Ids given in corpus order read each shard about once (extraction stores
+        them in that order).
 
-        Memory holds one chunk and a shard per part, whatever the corpus size (`read` holds everything).
-        Every id is located before the first chunk is yielded.
-
-        Raises:
+        Raises (when called):
             WorkspaceError: some ids have no features (of some part).
         """
         locators = [ShardLocator(directory) for directory in self.directories]
-        wanted = pa.array(ids, pa.string())
-        located = [locator.locate(wanted) for locator in locators]
-        order = np.argsort(located[0], kind="stable")  # the first part's storage order: each shard read once
-        for start in range(0, len(order), rows):
-            take = order[start:start + rows]
-            parts = [locator.read(at[take]) for locator, at in zip(locators, located)]
-            yield [ids[i] for i in take], parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+        def read(ids: list[str]) -> np.ndarray:
+            parts = [locator.read(locator.locate(ids)) for locator in locators]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+        return read
+
+    def chunks(self, ids: list[str], rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(ids, vectors) of `ids`, `rows` at a time in their order (see `reader`)."""
+        read = self.reader()
+        for start in range(0, len(ids), rows):
+            chunk = list(ids[start:start + rows])
+            yield chunk, read(chunk)

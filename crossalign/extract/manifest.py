@@ -6,10 +6,11 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crossalign.extract import ledger
 from crossalign.workspace import file_lock, write_json_atomic
 
 MANIFEST_NAME = "_manifest.json"
@@ -48,7 +49,12 @@ class FeatureMismatchError(ValueError):
 
 @dataclass
 class FeatureManifest:
-    """Identity of the features in a directory plus the list of finished shards."""
+    """Identity of the features in a directory (the encoder's description: `_manifest.json`), with the
+    finished shards and the failed items as its ledger records them (`crossalign.extract.ledger`).
+
+    Loading it reads the whole record (O(shards + failures)): for readers and tools. The extraction path
+    itself checks the identity (`check_identity`) and appends to the ledger without loading it.
+    """
 
     encoder: dict[str, Any]
     dtype: str = "float32"
@@ -59,19 +65,22 @@ class FeatureManifest:
     def dim(self) -> int:
         return int(self.encoder["dim"])
 
-    def next_shard_name(self) -> str:
-        return f"part-{len(self.shards):05d}.parquet"
-
     def save(self, directory: Path) -> None:
-        write_json_atomic(Path(directory) / MANIFEST_NAME, asdict(self))
+        """Write this manifest: its identity, and its shards and failures as the ledger's whole record (a tool's
+        repair; extraction appends instead)."""
+        with manifest_lock(directory):
+            write_identity(directory, self.encoder, self.dtype)
+            with ledger.connect(directory, write=True) as con:
+                ledger.replace_all(con, self.shards, self.failed)
 
     @classmethod
     def load(cls, directory: Path) -> FeatureManifest | None:
         """The manifest in `directory`, or None when there is none yet."""
-        path = Path(directory) / MANIFEST_NAME
-        if not path.exists():
+        identity = _read_identity(directory)
+        if identity is None:
             return None
-        return cls(**json.loads(path.read_text()))
+        with ledger.connect(directory) as con:
+            return cls(identity["encoder"], identity.get("dtype", "float32"), ledger.shards(con), ledger.failed(con))
 
     @classmethod
     def open_for(cls, directory: Path, encoder: dict[str, Any]) -> FeatureManifest:
@@ -80,14 +89,58 @@ class FeatureManifest:
         Raises:
             FeatureMismatchError: the directory holds features whose encoder description differs.
         """
-        manifest = cls.load(directory)
-        if manifest is None:
-            return cls(encoder=encoder)
-        if manifest.encoder != encoder:
-            changed = sorted(k for k in set(encoder) | set(manifest.encoder)
-                             if encoder.get(k) != manifest.encoder.get(k))
-            raise FeatureMismatchError(
-                f"{directory} holds features of a different encoder setup (differs in: {', '.join(changed)}); "
-                "use another workspace or remove that directory to re-extract"
-            )
-        return manifest
+        check_identity(directory, encoder)
+        return cls.load(directory) or cls(encoder=encoder)
+
+
+def check_identity(directory: Path, encoder: dict[str, Any]) -> None:
+    """Refuse to add `encoder`'s features to `directory` when it holds another encoder setup's (reads only the
+    identity, whatever the directory holds).
+
+    Raises:
+        FeatureMismatchError: names the directory and the fields of the description that differ.
+    """
+    identity = _read_identity(directory)
+    if identity is not None and identity["encoder"] != encoder:
+        saved = identity["encoder"]
+        changed = sorted(k for k in set(encoder) | set(saved) if encoder.get(k) != saved.get(k))
+        raise FeatureMismatchError(
+            f"{directory} holds features of a different encoder setup (differs in: {', '.join(changed)}); "
+            "use another workspace or remove that directory to re-extract"
+        )
+
+
+def ensure_identity(directory: Path, encoder: dict[str, Any]) -> None:
+    """Refuse another encoder's directory (`check_identity`); write the identity of a new one (lock held)."""
+    check_identity(directory, encoder)
+    if not (Path(directory) / MANIFEST_NAME).exists():
+        write_identity(directory, encoder)
+
+
+def write_identity(directory: Path, encoder: dict[str, Any], dtype: str = "float32") -> None:
+    """Write the identity file of `directory` (with the manifest lock held)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(directory) / MANIFEST_NAME, {"encoder": encoder, "dtype": dtype})
+
+
+def _read_identity(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if "shards" in data:  # written by an older crossalign: its record moves to the ledger once
+        _migrate(directory)
+        data = json.loads(path.read_text())
+    return data
+
+
+def _migrate(directory: Path) -> None:
+    """Move an older manifest's shard list and failures into the ledger, then drop them from the JSON."""
+    with manifest_lock(directory):
+        path = Path(directory) / MANIFEST_NAME
+        data = json.loads(path.read_text())
+        if "shards" not in data:  # another process migrated it while this one waited for the lock
+            return
+        with ledger.connect(directory, write=True) as con:
+            ledger.replace_all(con, data["shards"], data.get("failed", {}))
+        write_identity(directory, data["encoder"], data.get("dtype", "float32"))

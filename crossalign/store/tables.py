@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from lancedb.index import FTS
 
 from crossalign.align.mapper import JointMapper, check_encoder
 from crossalign.align.mapper_dir import MapperDir, current_mapper
 from crossalign.align.querybank import QueryBank
-from crossalign.corpus import read_captions, read_images
+from crossalign.corpus.rows import iter_batches, table_rows
 from crossalign.extract.features import FeatureSet
+from crossalign.extract.plan import corpus_table
 from crossalign.extract.shards import vectors_to_arrow
 from crossalign.progress import ProgressLog
 from crossalign.store.index import ensure_index
@@ -179,45 +181,57 @@ class _Mapper:
 
 
 class _Sources:
-    """One corpus's rows and cached features, for both modalities of a mapper."""
+    """One corpus's rows and cached features, for both modalities of a mapper, read batch by batch."""
 
     def __init__(self, workspace: Workspace, corpus: str, config: dict[str, Any]) -> None:
         self.corpus = corpus
-        self.rows = {"image": read_images(workspace, corpus), "text": read_captions(workspace, corpus)}
+        self.tables = {modality: corpus_table(workspace, corpus, modality) for modality in ("image", "text")}
         self.features = {}
         for modality in ("image", "text"):
             features = FeatureSet.open(workspace, corpus, config[f"{modality}_encoder"]["encoder"])
             check_encoder(config, modality, features.encoder)
             self.features[modality] = features
 
-    def ids(self, spec: _Modality) -> list[str]:
-        """Ids of the corpus items that have features (items whose extraction failed are left out)."""
-        failed = self.features[spec.modality].failed
-        return [i for i in self.rows[spec.modality].column(spec.id_column).to_pylist() if i not in failed]
+    def rows(self, spec: _Modality) -> Iterator[pa.Table]:
+        """The corpus rows of the items that have features (items whose extraction failed are left out), in
+        batches of at most `BATCH_ROWS`, in table order."""
+        failed = pa.array(sorted(self.features[spec.modality].failed), pa.string())
+        for _, table in iter_batches(self.tables[spec.modality], None, BATCH_ROWS):
+            if len(failed):
+                table = table.filter(pc.invert(pc.is_in(table.column(spec.id_column), value_set=failed)))
+            if table.num_rows:
+                yield table
 
-    def batches(self, spec: _Modality, schema: pa.Schema, mapper: _Mapper, ids: list[str]) -> Iterator[pa.Table]:
-        """The joint rows of `ids`, `BATCH_ROWS` at a time, in the order their features are stored.
+    def count(self, spec: _Modality) -> int:
+        return table_rows(self.tables[spec.modality]) - len(self.features[spec.modality].failed)
 
-        Features are read chunk by chunk (`FeatureSet.chunks`): memory does not grow with the corpus.
+    def batches(self, spec: _Modality, schema: pa.Schema, mapper: _Mapper,
+                keep: Callable[[pa.Array], pa.Array] | None = None) -> Iterator[pa.Table]:
+        """The joint rows of the items of `rows` (those `keep` marks, if given), `BATCH_ROWS` at a time.
+
+        The corpus table and the features are read batch by batch (the features through their id index,
+        `FeatureSet.reader`): memory does not grow with the corpus.
         """
-        if not ids:
-            return
-        table = self.rows[spec.modality]
-        position = {item: i for i, item in enumerate(table.column(spec.id_column).to_pylist())}
-        mapper_id = table_metadata(schema)["mapper_id"]
+        read = self.features[spec.modality].reader()
         unit = spec.id_column.removesuffix("_id")
-        progress = ProgressLog(logger, f"embed {self.corpus}", unit, len(ids), "mapped")  # for the run logs
-        for chunk, features in self.features[spec.modality].chunks(ids, BATCH_ROWS):
-            take = pa.array([position[item] for item in chunk])
-            keys = chunk if spec.modality == "image" else table.column("image_id").take(take).to_pylist()
-            vectors, normaliser = mapper(features, spec.modality, keys)
-            arrays = {ID_COLUMN: pa.array(chunk, pa.string()), VECTOR_COLUMN: vectors, NORMALISER_COLUMN: normaliser,
-                      MAPPER_COLUMN: pa.array([mapper_id] * len(chunk), pa.string()),
-                      CORPUS_COLUMN: pa.array([self.corpus] * len(chunk), pa.string())}
+        verb = "mapped" if keep is None else "checked for new rows"  # every row of a rebuild is mapped
+        progress = ProgressLog(logger, f"embed {self.corpus}", unit, self.count(spec), verb)  # for the run logs
+        mapper_id = table_metadata(schema)["mapper_id"]
+        for table in self.rows(spec):
+            progress.update(table.num_rows)
+            if keep is not None:
+                table = table.filter(keep(table.column(spec.id_column)))
+                if not table.num_rows:
+                    continue
+            ids = table.column(spec.id_column).to_pylist()
+            keys = ids if spec.modality == "image" else table.column("image_id").to_pylist()
+            vectors, normaliser = mapper(read(ids), spec.modality, keys)
+            arrays = {ID_COLUMN: pa.array(ids, pa.string()), VECTOR_COLUMN: vectors, NORMALISER_COLUMN: normaliser,
+                      MAPPER_COLUMN: pa.array([mapper_id] * len(ids), pa.string()),
+                      CORPUS_COLUMN: pa.array([self.corpus] * len(ids), pa.string())}
             # the schema's other columns are the corpus table's, by the same name
-            yield pa.Table.from_pydict({f.name: arrays[f.name] if f.name in arrays else table.column(f.name).take(take)
+            yield pa.Table.from_pydict({f.name: arrays[f.name] if f.name in arrays else table.column(f.name)
                                         for f in schema}, schema=schema)
-            progress.update(len(chunk))
 
 
 def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sources: dict[str, _Sources],
@@ -228,7 +242,7 @@ def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sourc
     def tables() -> Iterator[pa.Table]:
         nonlocal written
         for source in sources.values():
-            for batch in source.batches(spec, schema, mapper, source.ids(spec)):
+            for batch in source.batches(spec, schema, mapper):
                 written += batch.num_rows
                 yield batch
 
@@ -239,19 +253,45 @@ def _rebuild(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, sourc
 
 def _update(db: lancedb.DBConnection, spec: _Modality, schema: pa.Schema, source: _Sources,
             mapper: _Mapper) -> tuple[Any, int, int]:
-    """Insert the items of `source` the table lacks and delete those the corpus lost: (table, inserted, deleted)."""
+    """Insert the items of `source` the table lacks and delete those the corpus lost: (table, inserted, deleted).
+
+    The table's ids of the corpus are held as one sorted fixed-width byte array (33 bytes an id at most
+    for crossalign's ids: 330 MB at 10 million), each corpus batch looked up in it by binary search.
+    """
     table = db.open_table(spec.table)
-    stored = set(table.search().where(f"{CORPUS_COLUMN} = {quote(source.corpus)}").select([ID_COLUMN])
-                 .limit(None).to_arrow().column(ID_COLUMN).to_pylist())
-    ids = source.ids(spec)
-    new = [item for item in ids if item not in stored]
-    gone = sorted(stored - set(ids))
-    if new:
-        upsert_rows(table, (b for t in source.batches(spec, schema, mapper, new) for b in t.to_batches()))
+    stored = np.sort(np.asarray(table.search().where(f"{CORPUS_COLUMN} = {quote(source.corpus)}")
+                                .select([ID_COLUMN]).limit(None).to_arrow().column(ID_COLUMN).cast(pa.binary())
+                                .to_numpy(zero_copy_only=False), dtype=bytes))
+    seen = np.zeros(len(stored), dtype=bool)
+
+    def new(ids: pa.Array) -> pa.Array:
+        wanted = np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype=bytes)
+        at = np.minimum(np.searchsorted(stored, wanted), max(len(stored) - 1, 0))
+        found = (stored[at] == wanted) if len(stored) else np.zeros(len(wanted), dtype=bool)
+        seen[at[found]] = True
+        return pa.array(~found)
+
+    batches = source.batches(spec, schema, mapper, keep=new)
+    first = next(batches, None)  # None: no new rows (and every batch read), so no commit: re-running changes nothing
+    inserted = 0
+    if first is not None:
+        def counted() -> Iterator[pa.RecordBatch]:
+            nonlocal inserted
+            for batch in _chain(first, batches):
+                inserted += batch.num_rows
+                yield from batch.to_batches()
+
+        upsert_rows(table, counted())
+    gone = sorted(item.decode() for item in stored[~seen])
     for start in range(0, len(gone), DELETE_CHUNK):
         listed = ", ".join(quote(item) for item in gone[start:start + DELETE_CHUNK])
         table.delete(f"{CORPUS_COLUMN} = {quote(source.corpus)} AND {ID_COLUMN} IN ({listed})")
-    return table, len(new), len(gone)
+    return table, inserted, len(gone)
+
+
+def _chain(first: pa.Table, rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    yield first
+    yield from rest
 
 
 def upsert_rows(table: Any, rows: pa.Table | pa.RecordBatchReader | Iterator[pa.RecordBatch]) -> None:
