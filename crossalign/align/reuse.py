@@ -24,6 +24,7 @@ from crossalign.workspace import Workspace
 RECORD_KEY = "training"  # where `fit_mapper` saves the record in the mapper's config
 FEATURE_IDENTITY = ("encoder", "dim", "weights_digest", "preprocessing", "parts")  # parts: of a composite
 SPLITS = ("train_split", "eval_split")
+RUNTIME_OPTIONS = ("device",)  # where a mapper trains is not what it is: a GPU-trained one serves a CPU run
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ class MapperChoice:
 
 def training_record(corpus: str, options: dict[str, Any], querybank: QueryBankConfig,
                     image_features: dict[str, Any], text_features: dict[str, Any]) -> dict[str, Any]:
-    """What a mapper was made from: corpus, splits, every training option (defaults filled in from
-    `TrainConfig`), the query bank's options, and the identity of both feature sets (their descriptions)."""
+    """What a mapper was made from: corpus, splits, every training option but the device (defaults filled in
+    from `TrainConfig`), the query bank's options, and the identity of both feature sets (their descriptions)."""
     defaults = TrainConfig().model_dump()
     record = {
         "corpus": corpus,
-        "options": {**defaults, **options},
+        "options": {k: v for k, v in {**defaults, **options}.items() if k not in RUNTIME_OPTIONS},
         "querybank": querybank.model_dump(exclude={"method"}),  # the method only scores: any bank serves it
         "image_features": {k: image_features.get(k) for k in FEATURE_IDENTITY},
         "text_features": {k: text_features.get(k) for k in FEATURE_IDENTITY},
