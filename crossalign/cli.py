@@ -28,6 +28,7 @@ from crossalign.cli_common import (
     Compile_,
     Corpus_,
     DaskAddress_,
+    DaskResources_,
     Decode_,
     Device_,
     Dim_,
@@ -49,6 +50,9 @@ from crossalign.cli_common import (
     friendly,
     preflight,
     run_flow,
+)
+from crossalign.cli_common import (
+    dask_resources as parse_resources,
 )
 from crossalign.config import (
     CorpusConfig,
@@ -99,6 +103,7 @@ def run(
     device: Device_ = EXTRACT.device, precision: Precision_ = EXTRACT.precision,
     compile: Compile_ = EXTRACT.compile, decode: Decode_ = EXTRACT.decode,
     runner: Runner_ = RUNNER.kind, dask_address: DaskAddress_ = RUNNER.dask_address,
+    dask_resources: DaskResources_ = "",
     normalise: Normalise_ = QUERYBANK.method,
 ) -> None:
     """Run the whole pipeline as the Prefect `pipeline` flow, then print the metrics and sample searches."""
@@ -108,7 +113,8 @@ def run(
                      train={"steps": steps, "loss": loss, "lr": lr, "input_dropout": input_dropout, "dim": dim,
                             "heads": heads, "batch_size": batch_size},
                      retrain=retrain, queries=query or [], querybank=QueryBankConfig(method=normalise),
-                     runner=RunnerConfig(kind=runner, dask_address=dask_address))
+                     runner=RunnerConfig(kind=runner, dask_address=dask_address,
+                                         dask_resources=parse_resources(dask_resources)))
     preflight(config)
     from flows.pipeline import pipeline
 
@@ -290,6 +296,7 @@ def extract(
     device: Device_ = EXTRACT.device, precision: Precision_ = EXTRACT.precision,
     compile: Compile_ = EXTRACT.compile, decode: Decode_ = EXTRACT.decode,
     runner: Runner_ = RUNNER.kind, dask_address: DaskAddress_ = RUNNER.dask_address,
+    dask_resources: DaskResources_ = "",
 ) -> None:
     """Extract the image and caption features the workspace lacks (the `extract` flow)."""
     from flows.extract import extract_flow
@@ -297,7 +304,8 @@ def extract(
     extract = {"device": device, "precision": precision, "image_encoder": image_encoder, "text_encoder": text_encoder,
                "compile": compile, "decode": decode}
     config = _config(corpus, workspace, fmt, extract=extract,
-                     runner=RunnerConfig(kind=runner, dask_address=dask_address))
+                     runner=RunnerConfig(kind=runner, dask_address=dask_address,
+                                         dask_resources=parse_resources(dask_resources)))
     preflight(config, "extract")
     typer.echo(json.dumps(run_flow(extract_flow, config), indent=2, default=str))
 

@@ -44,6 +44,9 @@ Decode_ = Annotated[str, typer.Option(
     help="Image decoding: auto (threads on the CPU, processes on CUDA), threads, processes, or on the GPU: "
     "nvjpeg, nvimgcodec.")]
 Runner_ = Annotated[str, typer.Option(help="Where extraction shards run: threads, or dask.")]
+DaskResources_ = Annotated[str, typer.Option(
+    help="With --runner dask: resources each extraction task holds on its worker, e.g. GPU=1 (start the workers "
+    "with --resources GPU=1): one extraction per GPU.")]
 DaskAddress_ = Annotated[Optional[str], typer.Option(
     help="With --runner dask: a running scheduler (tcp://host:8786); default a new LocalCluster.")]
 Steps_ = Annotated[int, typer.Option(help="Training steps (early stopping may end sooner).")]
@@ -126,3 +129,21 @@ def validation_message(err: ValidationError) -> str:
 
 
 Format = Annotated[str, typer.Option("--format", help="auto, " + ", ".join(CORPUS_FORMATS))]
+
+
+def dask_resources(text: str) -> dict[str, float]:
+    """`GPU=1,MEM=2` as {"GPU": 1.0, "MEM": 2.0}; empty text, none.
+
+    Raises:
+        ValueError: an entry that is not NAME=NUMBER.
+    """
+    resources = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, _, amount = entry.partition("=")
+        try:
+            resources[name.strip()] = float(amount)
+        except ValueError:
+            raise ValueError(f"--dask-resources: {entry!r} is not NAME=NUMBER (e.g. GPU=1)") from None
+        if not name.strip():
+            raise ValueError(f"--dask-resources: {entry!r} is not NAME=NUMBER (e.g. GPU=1)")
+    return resources

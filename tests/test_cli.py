@@ -361,3 +361,13 @@ def test_the_console_filter_drops_a_runs_failure_records_only_while_quiet():
     assert [run_filter.filter(r) for r in (progress, *failures, other)] == [True, False, False, True]
     run_filter.quiet = False  # --debug
     assert all(run_filter.filter(r) for r in (progress, *failures, other))
+
+
+def test_dask_resources_are_read_as_name_equals_number(tmp_path):
+    from crossalign.cli_common import dask_resources
+
+    assert dask_resources("GPU=1, MEM=2.5") == {"GPU": 1.0, "MEM": 2.5} and dask_resources("") == {}
+    result = runner.invoke(app, ["extract", "--corpus", str(tmp_path), "-w", str(tmp_path / "ws"), "--runner", "dask",
+                                 "--dask-resources", "GPU"])
+    assert result.exit_code == 2 and result.output.splitlines() == [
+        "error: --dask-resources: 'GPU' is not NAME=NUMBER (e.g. GPU=1)"]
