@@ -162,7 +162,8 @@ def _paged(snapshot: Snapshot, labels: LabelIndex, target: str, page: Page,
         hits = hits[page.offset:need]
         for rank, hit in enumerate(hits, page.offset + 1):
             hit.rank = rank  # the rank among the images of the label
-    described = [_describe(hit.to_dict(), labels.refresh()) for hit in hits]
+    index = labels.refresh()
+    described = [_describe(hit.to_dict(), index) for hit in hits]
     if page.captions and target == IMAGES_TABLE:
         texts = captions_of(snapshot, [hit["id"] for hit in described])
         for hit in described:
