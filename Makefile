@@ -48,6 +48,10 @@ demo: $(STAMP) system-deps
 	  --image-encoder efficientnet-lite0 \
 	  --query "A photo of a sneaker." --query "A photo of a dress." --query "A photo of a bag."
 	$(BIN)/crossalign search --workspace $(DEMO)/workspace --text "A product photo of an ankle boot." --limit 5
+	$(BIN)/crossalign classify --workspace $(DEMO)/workspace --split dev --truth $(DEMO)/fashion-mnist \
+	  --labels "t-shirt,pair of trousers,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle boot"
+	@echo "Serve the demo tables (search page at http://127.0.0.1:8000/, API docs at /docs):"
+	@echo "  $(BIN)/crossalign serve --workspace $(DEMO)/workspace"
 
 test: $(STAMP) system-deps browser-deps
 	$(BIN)/python -m pytest
