@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from crossalign.align.classify import DEFAULT_TEMPLATE
 from crossalign.cli import app
 from crossalign.cli_common import WORKSPACE, Device_, Precision_, Workspace_, friendly
-from crossalign.serve.config import ServeConfig
+from crossalign.serve.config import SERVE_ENVIRONMENT, ServeConfig
 
 SERVE = ServeConfig()
 MB = 2**20
@@ -41,6 +41,8 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = SERVE.access_log,
 ) -> None:
     """Serve the tables: a JSON API (docs at /docs) and a search page at /, answering from the latest versions."""
+    for name, value in SERVE_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
+        os.environ.setdefault(name, value)
     import uvicorn
 
     from crossalign.serve.app import create_app
@@ -92,7 +94,8 @@ def classify(
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated labels: \"dog,cat,bird\".")] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="A file of labels, one per line.")] = None,
     template: Annotated[Optional[list[str]], typer.Option(
-        help="Prompt template with {} for the label (repeatable: the prompts' mean is used).")] = None,
+        help="Prompt template with {} for the label (repeatable: the prompts' mean is used). Default: "
+        "'a photo of a {}.'")] = None,
     split: Annotated[Optional[str], typer.Option(help="Only images of this split.")] = None,
     corpus_name: Annotated[Optional[str], typer.Option("--corpus", help="Only images of this corpus.")] = None,
     truth: Annotated[Optional[Path], typer.Option(
@@ -101,7 +104,7 @@ def classify(
     device: Device_ = SERVE.device, precision: Precision_ = SERVE.precision,
 ) -> None:
     """Zero-shot labels: each image's best label, score and top 3, written to <workspace>/labels/zeroshot.parquet."""
-    from crossalign.align.classify import accuracy_against, classify_images, parse_labels
+    from crossalign.align.classify import DEFAULT_TEMPLATE, accuracy_against, classify_images, parse_labels
     from crossalign.workspace import Workspace
 
     file_text = labels_file.read_text(encoding="utf-8-sig") if labels_file is not None else None

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from crossalign.config import CorpusConfig, ExtractConfig, Precision
 
 _EXTRACT = ExtractConfig()
+# Set for `crossalign serve` unless the environment says otherwise. Each request runs the query encoder (torch's
+# OpenMP threads) and then LanceDB's search (its own threads); OpenMP's default keeps its threads spinning after
+# every encoder call, and on 2 cores they starve the search: text -> image measured 321 ms at p50 against 50 ms
+# with passive waiting (Flickr8k, MiniLM; benchmarks/serve.py sets the same for its in-process Searcher).
+SERVE_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class ServeConfig(BaseModel):
