@@ -8,8 +8,9 @@ The workspace is used as it is when it has tables (the service only reads it); o
 `crossalign run --corpus DIR --workspace W` (Flickr8k with the default encoders: about 20 minutes on 2 CPU cores).
 Queries are distinct captions of the workspace's corpus (dev split first), shuffled with a fixed seed; each
 phase gets its own, so no phase is helped by what an earlier one cached, and the in-process Searcher runs the
-8-client phase's queries. The server is the console command in its own process, on a free port of 127.0.0.1,
-with its defaults (access log included, written to a file); each client is a thread with its own keep-alive
+8-client phase's queries, in this process, with the service's environment (`SERVE_ENVIRONMENT`). The server
+is the console command in its own process, on a free port of 127.0.0.1, with its defaults (access log
+included, written to a file); each client is a thread with its own keep-alive
 HTTP connection. It prints a table, then one line:
 
     p50_ms_1=… p95_ms_32=… qps_8=… qps_ratio_8=… failed=…
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
+
+from crossalign.serve.config import SERVE_ENVIRONMENT
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "crossalign-serve-bench"
@@ -168,6 +171,8 @@ def main() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("LANCE_LOG", "error")
+    for name, value in SERVE_ENVIRONMENT.items():  # the service's, for the in-process Searcher too (before torch)
+        os.environ.setdefault(name, value)
     workspace = args.workspace.expanduser().resolve()
     ensure_workspace(workspace, args.corpus)
     sizes = {1: args.queries_1, 8: args.queries_8, 32: args.queries_32}
@@ -186,7 +191,8 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=30)
     print(f"\nworkspace {workspace}: mapper {health['mapper_id']}, {health['rows']['images']} images, "
-          f"{health['rows']['captions']} captions; text -> image, limit {args.limit}; server log {log}")
+          f"{health['rows']['captions']} captions; text -> image, limit {args.limit}; "
+          f"{' '.join(f'{k}={os.environ[k]}' for k in SERVE_ENVIRONMENT)} in both processes; server log {log}")
     print(f"{'clients':<24}{'queries':>8}{'failed':>8}{'p50 ms':>9}{'p95 ms':>9}{'queries/s':>11}")
     for name, r in results.items():
         label = f"{name} (service)" if name != "in-process" else "in-process Searcher (1)"

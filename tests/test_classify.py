@@ -18,7 +18,7 @@ from conftest import COLOURS, ENCODER_RUNTIME, draw_picture
 from test_serve import built  # noqa: F401 (the fixture: a tiny workspace with memorised tables)
 from typer.testing import CliRunner
 
-from crossalign.align.classify import labels_path
+from crossalign.align.classify import DEFAULT_TEMPLATE, labels_path
 from crossalign.cli import app
 from crossalign.corpus.fashion_mnist import CLASS_NAMES, DEBIAN_DIR
 from crossalign.search import Searcher
@@ -89,6 +89,11 @@ def test_classify_refuses_a_template_without_a_slot(built: dict) -> None:  # noq
                                  "--template", "a red shape"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "must hold {} exactly once" in result.output
+
+
+def test_the_help_states_the_default_template() -> None:
+    result = runner.invoke(app, ["classify", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0 and f"Default: '{DEFAULT_TEMPLATE}'" in result.output
 
 
 def test_the_demo_classifies_with_the_fashion_mnist_class_names() -> None:
