@@ -8,7 +8,8 @@ The workspace is used as it is when it has tables (the service only reads it); o
 `crossalign run --corpus DIR --workspace W` (Flickr8k with the default encoders: about 20 minutes on 2 CPU cores).
 Queries are distinct captions of the workspace's corpus (dev split first), shuffled with a fixed seed; each
 phase gets its own, so no phase is helped by what an earlier one cached, and the in-process Searcher runs the
-8-client phase's queries, in this process, with the service's environment (`SERVE_ENVIRONMENT`). The server
+8-client phase's queries, in this process, with the service's environment (`SERVE_ENVIRONMENT`), the two taking
+turns on quarters of them so that other work on the machine weighs on both alike. The server
 is the console command in its own process, on a free port of 127.0.0.1, with its defaults (access log
 included, written to a file); each client is a thread with its own keep-alive
 HTTP connection. It prints a table, then one line:
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "crossalign-serve-bench"
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "flickr8k"
 WARMUP_QUERIES = 20
+ROUNDS = 4  # the 8-client phase and the in-process Searcher take turns on quarters of their queries
 CLIENTS = (1, 8, 32)
 
 
@@ -98,14 +101,33 @@ def start_server(workspace: Path, args: argparse.Namespace, log: Path) -> tuple[
     raise SystemExit(f"crossalign serve did not start; its log:\n{log.read_text()[-3000:]}")
 
 
-def run_clients(base: str, queries: list[str], clients: int, limit: int) -> dict[str, float]:
+@dataclass
+class Tally:
+    """Latencies, wall seconds and failures of some queries (several rounds add up)."""
+
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    failed: int = 0
+
+    def add(self, other: Tally) -> Tally:
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.failed += other.failed
+        return self
+
+    def summary(self) -> dict[str, float]:
+        ordered = sorted(self.latencies)
+        return {"queries": len(ordered), "failed": self.failed, "p50_ms": 1000 * statistics.median(ordered),
+                "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+                "qps": len(ordered) / self.seconds}
+
+
+def run_clients(base: str, queries: list[str], clients: int, limit: int) -> Tally:
     """Send `queries` from `clients` threads (each takes the next query when its last one is answered)."""
     todo: queue.Queue[str] = queue.Queue()
     for text in queries:
         todo.put(text)
-    latencies: list[float] = []
-    failed = [0]
-    lock = threading.Lock()
+    tally, lock = Tally(), threading.Lock()
 
     def client() -> None:
         with httpx.Client(base_url=base, timeout=120) as http:
@@ -122,8 +144,8 @@ def run_clients(base: str, queries: list[str], clients: int, limit: int) -> dict
                     ok = False
                 elapsed = time.perf_counter() - start
                 with lock:
-                    latencies.append(elapsed)
-                    failed[0] += not ok
+                    tally.latencies.append(elapsed)
+                    tally.failed += not ok
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
@@ -131,30 +153,29 @@ def run_clients(base: str, queries: list[str], clients: int, limit: int) -> dict
         thread.start()
     for thread in threads:
         thread.join()
-    return summary(latencies, time.perf_counter() - start, failed[0])
+    tally.seconds = time.perf_counter() - start
+    return tally
 
 
-def run_in_process(workspace: Path, queries: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """The same queries through one in-process Searcher, one after the other."""
-    from crossalign.search import Searcher
+class InProcess:
+    """One in-process Searcher, loaded and warmed once, running queries one after the other."""
 
-    searcher = Searcher(workspace, device=args.device, precision=args.precision)
-    for text in queries[:WARMUP_QUERIES]:
-        searcher.text_to_image(text, limit=args.limit)
-    latencies, failed = [], 0
-    start = time.perf_counter()
-    for text in queries:
-        began = time.perf_counter()
-        failed += not searcher.text_to_image(text, limit=args.limit)
-        latencies.append(time.perf_counter() - began)
-    return summary(latencies, time.perf_counter() - start, failed)
+    def __init__(self, workspace: Path, args: argparse.Namespace, warmup: list[str]) -> None:
+        from crossalign.search import Searcher
 
+        self.searcher, self.limit = Searcher(workspace, device=args.device, precision=args.precision), args.limit
+        for text in warmup:
+            self.searcher.text_to_image(text, limit=self.limit)
 
-def summary(latencies: list[float], seconds: float, failed: int) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {"queries": len(ordered), "failed": failed, "p50_ms": 1000 * statistics.median(ordered),
-            "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-            "qps": len(ordered) / seconds}
+    def run(self, queries: list[str]) -> Tally:
+        tally = Tally()
+        start = time.perf_counter()
+        for text in queries:
+            began = time.perf_counter()
+            tally.failed += not self.searcher.text_to_image(text, limit=self.limit)
+            tally.latencies.append(time.perf_counter() - began)
+        tally.seconds = time.perf_counter() - start
+        return tally
 
 
 def main() -> None:
@@ -185,8 +206,15 @@ def main() -> None:
     try:
         health = httpx.get(f"{base}/health").json()
         run_clients(base, queries[:WARMUP_QUERIES], 1, args.limit)
-        results = {clients: run_clients(base, phases[clients], clients, args.limit) for clients in CLIENTS}
-        results["in-process"] = run_in_process(workspace, phases[8], args)
+        in_process = InProcess(workspace, args, queries[:WARMUP_QUERIES])
+        tallies = {clients: Tally() for clients in CLIENTS} | {"in-process": Tally()}
+        tallies[1].add(run_clients(base, phases[1], 1, args.limit))
+        for part in range(ROUNDS):  # alternating, so that other work on the machine weighs on both alike
+            chunk = phases[8][part::ROUNDS]
+            tallies[8].add(run_clients(base, chunk, 8, args.limit))
+            tallies["in-process"].add(in_process.run(chunk))
+        tallies[32].add(run_clients(base, phases[32], 32, args.limit))
+        results = {name: tally.summary() for name, tally in tallies.items()}
     finally:
         process.terminate()
         process.wait(timeout=30)
