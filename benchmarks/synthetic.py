@@ -62,7 +62,7 @@ from PIL import Image
 from crossalign.config import CorpusConfig
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA
 from crossalign.encoders.base import ImageEncoder, Runtime, TextEncoder
-from crossalign.encoders.registry import register_encoder
+from crossalign.encoders.registry import register_encoder, unregister_encoder
 from crossalign.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -412,9 +412,12 @@ def register_synthetic_encoders(dim: int = DIM, noise: float = NOISE) -> tuple[s
     Features of other `dim` or `noise` are another encoder setup: extraction refuses to mix them in one
     features directory (`FeatureMismatchError`).
     """
-    register_encoder(IMAGE_ENCODER, lambda runtime: SyntheticImageEncoder(runtime, dim))
-    register_encoder(TEXT_ENCODER, lambda runtime: SyntheticTextEncoder(runtime, dim, noise))
+    register_encoder(IMAGE_ENCODER, lambda runtime: SyntheticImageEncoder(runtime, dim), modality="image")
+    register_encoder(TEXT_ENCODER, lambda runtime: SyntheticTextEncoder(runtime, dim, noise), modality="text")
     return IMAGE_ENCODER, TEXT_ENCODER
 
 
-register_synthetic_encoders()
+def unregister_synthetic_encoders() -> None:
+    """Take them out of the registry again (a test that registered them leaves the registry as it found it)."""
+    unregister_encoder(IMAGE_ENCODER)
+    unregister_encoder(TEXT_ENCODER)

@@ -23,9 +23,9 @@ from crossalign.encoders import (
     load_encoder_for,
     register_encoder,
     resolve_runtime,
+    unregister_encoder,
 )
 from crossalign.encoders.base import can_compile_on_cpu, cpu_supports_bf16, cpu_supports_fp16
-from crossalign.encoders.registry import _ENTRIES
 from crossalign.workspace import Workspace
 
 SENTENCES = [
@@ -79,8 +79,10 @@ def test_registered_encoder_is_loadable_by_name(text_encoder: TextEncoder) -> No
         assert len(seen) == 1, "load_encoder should load once per (name, device, precision)"
         assert seen[0].device == torch.device("cpu") and seen[0].autocast_dtype == torch.bfloat16
     finally:
-        del _ENTRIES["test-alias"]
-        load_encoder.cache_clear()
+        unregister_encoder("test-alias")
+    assert "test-alias" not in encoder_names()
+    with pytest.raises(ValueError, match="bundled"):
+        unregister_encoder("minilm-l6")
 
 
 def test_image_encoder_gives_float32_1280_features(image_encoder: ImageEncoder) -> None:

@@ -289,6 +289,26 @@ def test_a_manifest_of_an_older_crossalign_moves_into_the_ledger(extracted: tupl
     assert (extract_images(workspace).encoded, extract_images(workspace).already_done) == (0, 12)
 
 
+def test_a_ledger_caught_while_its_writer_creates_it_reads_as_empty(tmp_path: Path) -> None:
+    """A reader that opens `_manifest.sqlite` between its creation and its first commit (a file with no
+    tables yet, or only some) sees an empty record, not `no such table`."""
+    import sqlite3
+
+    from crossalign.extract import ledger
+
+    for partial in ("", "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"):
+        directory = tmp_path / str(len(partial))
+        directory.mkdir()
+        with sqlite3.connect(ledger.ledger_path(directory)) as con:
+            con.executescript(partial)
+        with ledger.connect(directory) as con:
+            assert (ledger.shards(con), ledger.failed(con), ledger.shard_count(con)) == ([], {}, 0)
+        with ledger.connect(directory, write=True) as con:  # the writer finishes the schema and records
+            ledger.add_shard(con, "shard-0.parquet", 3, None, None)
+        with ledger.connect(directory) as con:
+            assert ledger.shards(con) == [{"file": "shard-0.parquet", "rows": 3}]
+
+
 def test_shard_renamed_but_not_recorded_is_overwritten(extracted: tuple[Path, Workspace]) -> None:
     """A run killed between renaming a shard and recording it leaves an unrecorded file: it is redone."""
     _, workspace = extracted

@@ -19,7 +19,11 @@ from crossalign.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of scripts, not an installed package
-from benchmarks.synthetic import register_synthetic_encoders, write_synthetic_corpus  # noqa: E402
+from benchmarks.synthetic import (  # noqa: E402
+    register_synthetic_encoders,
+    unregister_synthetic_encoders,
+    write_synthetic_corpus,
+)
 
 ITEMS = 100_000  # captions; 20,000 images
 CORPUS = "synthetic"
@@ -37,6 +41,13 @@ if __name__ == "__main__":
 """
 
 
+@pytest.fixture
+def synthetic_encoders():
+    """The synthetic encoders, registered for one test: the registry is the same for the tests after it."""
+    yield register_synthetic_encoders()
+    unregister_synthetic_encoders()
+
+
 def _config(workspace: Path, image: str, text: str) -> PipelineConfig:
     return PipelineConfig(workspace=workspace, corpus=CorpusConfig(root=workspace, name=CORPUS),
                           extract=ExtractConfig(image_encoder=image, text_encoder=text, device="cpu",
@@ -47,12 +58,13 @@ def _features(workspace: Path, encoder: str) -> tuple[list[str], np.ndarray]:
     return read_features(Workspace(workspace).features_dir(CORPUS, encoder))
 
 
-def test_a_killed_100k_item_extraction_resumes_to_the_same_features_without_duplicates(prefect_backend, tmp_path):
+def test_a_killed_100k_item_extraction_resumes_to_the_same_features_without_duplicates(prefect_backend, tmp_path,
+                                                                                      synthetic_encoders):
     from prefect.settings import PREFECT_API_URL
 
     from flows.extract import extract_flow
 
-    image, text = register_synthetic_encoders()
+    image, text = synthetic_encoders
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for root in (killed, clean):
         write_synthetic_corpus(Workspace(root), CORPUS, ITEMS)
@@ -92,10 +104,10 @@ def test_a_killed_100k_item_extraction_resumes_to_the_same_features_without_dupl
 
 
 @pytest.mark.parametrize("max_tasks", [4])
-def test_a_large_corpus_gets_at_most_max_tasks_tasks(tmp_path, max_tasks):
+def test_a_large_corpus_gets_at_most_max_tasks_tasks(tmp_path, max_tasks, synthetic_encoders):
     from crossalign.extract import plan_shards
 
-    _, text = register_synthetic_encoders()
+    _, text = synthetic_encoders
     write_synthetic_corpus(Workspace(tmp_path), CORPUS, ITEMS)
     plan = plan_shards(Workspace(tmp_path), CORPUS, "text", text, shard_size=1000, max_tasks=max_tasks)
     assert len(plan.units) == max_tasks and sum(unit["pending"] for unit in plan.units) == ITEMS

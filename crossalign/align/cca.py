@@ -49,6 +49,11 @@ def fit_cca(train: PairedSplit, dim: int | None = None, regularisation: float = 
     cxy = cxy / n
     wx, wy = _inverse_sqrt(cxx), _inverse_sqrt(cyy)
     u, s, vh = torch.linalg.svd(wx @ cxy @ wy, full_matrices=False)
+    # A pair of singular vectors is defined up to a joint sign, which LAPACK picks from rounding: two sums of
+    # the same covariances in another order (blocks, another CPU) could flip a direction. Fix it as
+    # scikit-learn's svd_flip does: each image-side vector's largest entry is positive.
+    signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    u, vh = u * signs, vh * signs.T
     weight = s[:k] ** power
     model.image_proj.weight.copy_(((wx @ u[:, :k]) * weight).T.float())
     model.text_proj.weight.copy_(((wy @ vh[:k].T) * weight).T.float())

@@ -17,6 +17,7 @@ from crossalign.encoders.registry import (
     load_encoder,
     load_encoder_for,
     register_encoder,
+    unregister_encoder,
 )
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "load_encoder",
     "load_encoder_for",
     "register_encoder",
+    "unregister_encoder",
     "resolve_runtime",
 ]

@@ -53,6 +53,7 @@ _ENTRIES: dict[str, _Entry] = {
     # On 2,000 Flickr8k captions: bf16 at cosine >= 0.99996 to fp32, 2.4x faster (AMX).
     "mpnet-base": _Entry(load_mpnet_base, "text", cpu_precisions=("bf16",)),
 }
+_BUNDLED = frozenset(_ENTRIES)
 _FAMILIES: dict[str, Callable[[str, Runtime], Encoder]] = {"torchvision": load_torchvision, "hf": load_hf}
 _FAMILY_MODALITY = {"torchvision": "image", "hf": "text"}
 # The default of each family's option, which the canonical name leaves out (as the loaded encoder's name does).
@@ -60,10 +61,20 @@ _FAMILY_DEFAULTS = {"torchvision": ("@", "DEFAULT"), "hf": ("#", "mean")}
 FLIP = "+flip"
 
 
-def register_encoder(name: str, factory: EncoderFactory, cpu_precisions: tuple[str, ...] = ()) -> None:
-    """Make `factory(runtime) -> Encoder` loadable as `name` ("auto" on the CPU: see `_Entry`)."""
-    _ENTRIES[name] = _Entry(factory, cpu_precisions=cpu_precisions)
+def register_encoder(name: str, factory: EncoderFactory, cpu_precisions: tuple[str, ...] = (),
+                     modality: str | None = None) -> None:
+    """Make `factory(runtime) -> Encoder` loadable as `name` ("auto" on the CPU: see `_Entry`); `modality`
+    ("image" or "text"), when given, lets errors and pre-flight checks know it without loading."""
+    _ENTRIES[name] = _Entry(factory, modality, cpu_precisions=cpu_precisions)
     load_encoder.cache_clear()
+
+
+def unregister_encoder(name: str) -> None:
+    """Undo `register_encoder(name, ...)` (nothing if `name` is not registered); the bundled names stay."""
+    if name in _BUNDLED:
+        raise ValueError(f"{name!r} is a bundled encoder: it cannot be unregistered")
+    if _ENTRIES.pop(name, None) is not None:
+        load_encoder.cache_clear()
 
 
 def encoder_names(modality: str | None = None) -> list[str]:

@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY, shard INTEGER NOT NULL, row
 """
 
 
+TABLES = frozenset({"meta", "shards", "failed", "ids"})
+
+
+def _tables(con: sqlite3.Connection) -> frozenset[str]:
+    return frozenset(name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+
+
 def ledger_path(directory: Path) -> Path:
     return Path(directory) / LEDGER_NAME
 
@@ -47,14 +54,18 @@ def connect(directory: Path, write: bool = False) -> Iterator[sqlite3.Connection
     Call it with the manifest lock held.
     """
     path = ledger_path(directory)
-    if not write and not path.exists():
-        con = sqlite3.connect(":memory:")  # nothing recorded yet: an empty ledger
-        con.executescript(SCHEMA)
-    else:
+    con = None
+    if write or path.exists():
         con = sqlite3.connect(path, timeout=60, isolation_level=None)
         con.execute("PRAGMA synchronous=NORMAL")
         if write:
-            con.executescript(SCHEMA)
+            con.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")  # all tables or none, for a reader
+        elif not TABLES <= _tables(con):  # a writer is creating it this instant: nothing recorded yet
+            con.close()
+            con = None
+    if con is None:
+        con = sqlite3.connect(":memory:")  # nothing recorded yet: an empty ledger
+        con.executescript(SCHEMA)
     try:
         if write:
             con.execute("BEGIN IMMEDIATE")
