@@ -759,6 +759,28 @@ def test_a_shard_holding_ids_another_writer_recorded_keeps_only_the_new_rows(ing
     assert not list(image_dir(ingested).glob(".part-*"))
 
 
+def test_a_writer_reads_back_the_shards_of_other_writers_of_its_unit_not_its_own(tmp_path: Path, monkeypatch) -> None:
+    """A task's commits check the shards recorded since its plan that may hold its ids: a retry's or a
+    concurrent run's of the same unit are read, the writer's own earlier shards are not (so a unit of many
+    shards commits each in flat time)."""
+    from crossalign.extract import shards
+
+    description = {"encoder": "test", "dim": 2}
+    read: list[str] = []
+    monkeypatch.setattr(shards, "shard_ids", lambda path: read.append(path.name) or shards._shard_ids(
+        str(path), path.stat().st_size, path.stat().st_mtime_ns))
+    first = ShardWriter(tmp_path, description, since=0, plan="p", unit=0)
+    for start in range(0, 6, 2):
+        first.write([f"id-{start}", f"id-{start + 1}"], np.ones((2, 2), dtype=np.float32))
+    assert read == []  # three commits, none read a shard back
+
+    retry = ShardWriter(tmp_path, description, since=0, plan="p", unit=0)
+    assert retry.write(["id-5", "id-6"], np.ones((2, 2), dtype=np.float32)).name == "part-00003.parquet"
+    assert read == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"] and retry.dropped == 1
+    ids, _ = read_features(tmp_path)
+    assert sorted(ids) == [f"id-{n}" for n in range(7)]
+
+
 def test_overlapping_extractions_at_once_store_each_item_once(ingested: Workspace) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -135,8 +135,11 @@ def run_extraction(
 
 
 def _todo(ids: list[str], directory: Path, scope: Scope) -> tuple[list[int], int]:
+    """Positions of the `ids` without features, each id once (a writer never records an id twice)."""
     missing, since = pending(directory, ids, scope.since, scope.plan, scope.unit)
-    return [i for i, miss in enumerate(missing) if miss], since
+    seen: set[str] = set()
+    todo = [i for i, miss in enumerate(missing) if miss and not (ids[i] in seen or seen.add(ids[i]))]
+    return todo, since
 
 
 def _encode_todo(
