@@ -132,6 +132,30 @@ def test_raw_search_ranks_by_cosine_similarity(built: tuple[Path, Workspace, str
     assert scores == pytest.approx([float(vectors[h.id] @ query) for h in hits], abs=1e-4)
 
 
+@pytest.mark.parametrize("normalisation", ["inverted_softmax", "none"])
+def test_a_small_table_searched_in_memory_gives_the_hits_of_its_vector_index(
+        built: tuple[Path, Workspace, str], normalisation: str, monkeypatch) -> None:
+    """Tables that fit in memory are ranked exhaustively there (`crossalign.search.resident`): the same hits, scores
+    and filters as the LanceDB path with its normalised re-rank, which larger tables take."""
+    from crossalign.search import resident
+
+    def search_all(searcher: Searcher) -> list[list[dict]]:
+        return [[hit.to_dict() for hit in hits] for hits in (
+            searcher.text_to_image("a blue triangle on a white background", limit=6),
+            searcher.text_to_image("a red circle", limit=4, split="dev"),
+            searcher.text_to_text("a green square", limit=5),
+            searcher.text_to_image("a red circle", limit=3, split="no-such-split"),
+        )]
+
+    in_memory = Searcher(built[1], normalisation=normalisation, **ENCODER_RUNTIME)
+    held = search_all(in_memory)
+    assert all(table is not None for table in in_memory._resident.values())
+    monkeypatch.setattr(resident, "RESIDENT_MAX_BYTES", 0)
+    through_index = Searcher(built[1], normalisation=normalisation, **ENCODER_RUNTIME)
+    assert search_all(through_index) == held and set(through_index._resident.values()) == {None}
+    assert held[1] and all(hit["split"] == "dev" for hit in held[1]) and held[3] == []
+
+
 def test_hits_show_the_item_columns_of_the_table_schemas(searcher: Searcher) -> None:
     # the columns a hit shows are derived from store/schema.py, and each has a SearchHit field to land in
     assert item_columns(IMAGES_TABLE) == ["id", "uri", "split", "corpus"]

@@ -18,6 +18,7 @@ from crossalign.align.querybank import check_method
 from crossalign.config import ExtractConfig, QueryBankConfig
 from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
 from crossalign.search.rerank import NormalisedRanker
+from crossalign.search.resident import ResidentTable, fits_in_memory
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
 from crossalign.store.index import apply_plan, search_plan
 from crossalign.store.schema import CORPUS_COLUMN, NORMALISER_COLUMN, SPLIT_COLUMN, item_columns
@@ -114,6 +115,7 @@ class Searcher:
                              for name, table in self._tables.items()}
         self._device, self._precision = device, precision
         self._encoders: dict[str, ImageEncoder | TextEncoder] = {}
+        self._resident: dict[str, ResidentTable | None] = {}  # per table: held in memory when small (per version)
 
     def _normalisation(self, requested: str, mapper_dir: MapperDir) -> tuple[str, str | None]:
         """The normalisation searches use, and a one-line notice when it is not the one requested."""
@@ -216,10 +218,30 @@ class Searcher:
                 row["cosine"] = _similarity(row.pop("_distance"), self.metric)
             return rows
 
-        if normalise and table in self._rankers:
-            rows = self._rankers[table].rank(candidates, limit)
+        ranker = self._rankers.get(table) if normalise else None
+        resident = self._resident_table(table)
+        if resident is not None and (ranker is None or ranker.method != "dynamic"):
+            rows = resident.top(vector, limit, split, corpus, ranker.floor() if ranker else None)
+            for row in rows:
+                if ranker is None:
+                    del row["cosine"]
+                else:
+                    row["cosine"] = round(row["cosine"], 4)
             return _hits(rows, lambda row: row.pop("score"))
+        if ranker is not None:
+            return _hits(ranker.rank(candidates, limit), lambda row: row.pop("score"))
         return _hits(candidates(limit, []), lambda row: row.pop("cosine"))
+
+    def _resident_table(self, name: str) -> ResidentTable | None:
+        """Table `name` held in memory for exact search when its vectors are small (`crossalign.search.resident`),
+        read once per table version; None for a large table."""
+        table = self._tables[name]
+        held = self._resident.get(name)
+        if name in self._resident and (held is None or held.version == table.version):
+            return held
+        small = fits_in_memory(table.count_rows(), int(self.metadata["dim"]))
+        self._resident[name] = ResidentTable(table, COLUMNS[name]) if small else None
+        return self._resident[name]
 
 
 def _filtered(query: Any, split: str | None, corpus: str | None) -> Any:
