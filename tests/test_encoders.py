@@ -426,3 +426,25 @@ def test_text_encoders_side_by_side_concatenate_their_features(text_encoder: Tex
                                                                                               "mpnet-base"]
     with pytest.raises(ValueError, match="one modality"):
         load_encoder(f"{IMAGE_ENCODER},{TEXT_ENCODER}", "cpu", "fp32")
+
+
+def test_query_encoders_keep_reduced_precision_weights_and_the_features() -> None:
+    """Searches encode queries with weights stored in bf16 (autocast would cast them on every call): the features
+    stay those of fp32 within cosine 0.999, the encoder it came from keeps fp32 weights, and it is made once."""
+    from crossalign.encoders import load_query_encoder
+
+    both = f"{TEXT_ENCODER},mpnet-base"
+    queries = load_query_encoder(both, "cpu", "bf16")
+    assert [p.for_queries() for p in queries.parts] == queries.parts  # made once per loaded encoder
+    for part in queries.parts:
+        assert {p.dtype for p in part._model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_encoder(both, "cpu", "bf16").parts[0]._model.parameters()} == {torch.float32}
+    reference = load_encoder(both, "cpu", "fp32").encode(SENTENCES)
+    single = torch.cat([queries.encode([text]) for text in SENTENCES])
+    batched = queries.encode(SENTENCES)
+    assert single.dtype == torch.float32 and single.shape == reference.shape
+    assert (F.cosine_similarity(reference, single, dim=-1) >= 0.999).all()
+    assert (F.cosine_similarity(batched, single, dim=-1) >= 0.9999).all()  # padded to the longest: rounding only
+    assert queries.describe() == load_encoder(both, "cpu", "bf16").describe()
+    for name in (TEXT_ENCODER, IMAGE_ENCODER):  # fp32 text, and images: the encoder itself
+        assert load_query_encoder(name, "cpu", "fp32") is load_encoder(name, "cpu", "fp32")

@@ -176,6 +176,62 @@ def test_text_to_image_gives_the_searchers_hits_and_scores(client: httpx.Client,
     assert body["normalisation"] == "inverted_softmax" and all(h["cosine"] >= h["score"] for h in body["hits"])
 
 
+QUERIES = [f"a {shape} of {colour}" for shape in ("circle", "square", "stripe", "picture")
+           for colour in ("red", "green", "blue", "yellow")]
+
+
+def test_concurrent_text_queries_each_get_their_own_hits(server: str, searcher: Searcher) -> None:
+    """16 clients at once (texts of different token counts, encoded in shared batches): every answer is the
+    in-process Searcher's for its own query."""
+    answers: dict[str, list[dict[str, Any]]] = {}
+    start = threading.Barrier(len(QUERIES))
+
+    def ask(text: str) -> None:
+        with httpx.Client(base_url=server, timeout=60) as http:
+            start.wait()
+            answers[text] = http.get("/api/search/text", params={"q": text, "limit": 5}).json()["hits"]
+
+    before = httpx.get(f"{server}/health").json()["text_queries"]
+    threads = [threading.Thread(target=ask, args=(text,)) for text in QUERIES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = httpx.get(f"{server}/health").json()["text_queries"]
+    assert after["encoded"] - before["encoded"] == len(QUERIES)
+    assert 1 <= after["encoder_calls"] - before["encoder_calls"] <= len(QUERIES)
+    for text in QUERIES:
+        expected = searcher.text_to_image(text, limit=5)
+        assert [hit["id"] for hit in answers[text]] == [hit.id for hit in expected], text
+        assert [hit["score"] for hit in answers[text]] == pytest.approx([hit.score for hit in expected], abs=2e-3)
+
+
+def test_queries_waiting_for_the_encoder_are_encoded_in_one_call(searcher: Searcher) -> None:
+    """Texts queued while an encoding runs go into the next call together, each getting its own vector; an
+    empty text is refused before it queues."""
+    from crossalign.search import QueryError
+    from crossalign.serve.batching import QueryEncoder
+
+    encoder, vectors = QueryEncoder(max_batch=32), {}
+    texts = [*QUERIES[:7], "a very long caption about a red circle that sits in the middle of a white background"]
+    with encoder.lock:  # an encoding in progress: the texts below queue behind it
+        threads = [threading.Thread(target=lambda t=text: vectors.__setitem__(t, encoder.embed_text(searcher, t)))
+                   for text in texts]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(encoder._waiting) < len(texts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join()
+    assert (encoder.batches, encoder.texts) == (1, len(texts))
+    for text in texts:
+        np.testing.assert_allclose(vectors[text], searcher.embed_text(text), atol=1e-4)
+    with pytest.raises(QueryError, match="empty"):
+        encoder.embed_text(searcher, "  ")
+    assert encoder.texts == len(texts)
+
+
 def test_a_training_caption_finds_its_image_first(client: httpx.Client, built: dict[str, Any]) -> None:
     body = client.get("/api/search/text", params={"q": "a red circle on a white background", "captions": "true"})
     top = body.json()["hits"][0]

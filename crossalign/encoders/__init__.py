@@ -16,6 +16,7 @@ from crossalign.encoders.registry import (
     encoder_names,
     load_encoder,
     load_encoder_for,
+    load_query_encoder,
     register_encoder,
     unregister_encoder,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "encoder_names",
     "load_encoder",
     "load_encoder_for",
+    "load_query_encoder",
     "register_encoder",
     "unregister_encoder",
     "resolve_runtime",

@@ -256,3 +256,8 @@ class TextEncoder(Encoder):
 
     @abstractmethod
     def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+    def for_queries(self) -> TextEncoder:
+        """The encoder to use for a few texts per call (search queries): itself, unless a subclass has a faster
+        form for that (`HFTextEncoder.for_queries`)."""
+        return self

@@ -89,3 +89,6 @@ class CompositeTextEncoder(_Parts, TextEncoder):
 
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         return torch.cat([part.encode(texts, batch_size=batch_size) for part in self.parts], dim=1)
+
+    def for_queries(self) -> CompositeTextEncoder:
+        return CompositeTextEncoder([part.for_queries() for part in self.parts])

@@ -6,7 +6,10 @@ Registry names: `minilm-l6` (bundled), `hf:<model id or directory>` (mean poolin
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ class HFTextEncoder(TextEncoder):
     `batches`); the output keeps the input order.
     """
 
+    _cast_weights = False  # the weights are stored in the runtime's precision (`for_queries`), not cast per call
+
     def __init__(self, name: str, model_dir: Path, runtime: Runtime, pooling: str = "mean",
                  max_length: int = 128) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -41,6 +46,8 @@ class HFTextEncoder(TextEncoder):
         self._model_dir = Path(model_dir)
         self._pooling = pooling
         self._max_length = max_length
+        self._queries: HFTextEncoder | None = None  # `for_queries`
+        self._queries_lock = threading.Lock()
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         self._model = model.eval().requires_grad_(False).to(runtime.device)
@@ -93,9 +100,26 @@ class HFTextEncoder(TextEncoder):
             out[torch.tensor(positions)] = self._forward(tokens)
         return out
 
+    def for_queries(self) -> HFTextEncoder:
+        """This encoder for a few texts per call (search queries). On a CPU in bf16 or fp16: a copy that keeps its
+        weights in that precision. Autocast casts every weight on every call, and with a few texts per call
+        reading the weights is the cost: one Flickr8k caption took 18.8 ms in MiniLM under bf16 autocast,
+        13.0 ms in fp32 and 13.0 ms with bf16 weights; mpnet-base 78, 57 and 39 ms (2 cores, AMX). The
+        features stay within cosine 0.9998 of fp32's (200 Flickr8k captions; tests/test_encoders.py)."""
+        dtype = self.runtime.autocast_dtype
+        if self.runtime.device.type != "cpu" or dtype is None or self._cast_weights:
+            return self
+        with self._queries_lock:  # made once per encoder
+            if self._queries is None:
+                queries = copy.copy(self)
+                queries._model = copy.deepcopy(self._model).to(dtype)
+                queries._cast_weights = True
+                self._queries = queries
+        return self._queries
+
     def _forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = {k: v.to(self.runtime.device, non_blocking=True) for k, v in tokens.items()}
-        with self.runtime.autocast():
+        with contextlib.nullcontext() if self._cast_weights else self.runtime.autocast():
             hidden = self._model(**tokens).last_hidden_state
         if self._pooling == "cls":
             return hidden[:, 0].float().cpu()

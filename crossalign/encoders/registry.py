@@ -199,3 +199,15 @@ def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> En
     else:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(encoder_names())}")
     return entry.factory(resolve_runtime(device, precision, entry.cpu_precisions))
+
+
+
+def load_query_encoder(name: str, device: str = "auto", precision: str = "auto") -> Encoder:
+    """`load_encoder`'s encoder in the form for a few texts per call (`TextEncoder.for_queries`): what searches
+    encode their queries with. Made once per loaded encoder; an image encoder is itself.
+
+    Raises:
+        as `load_encoder`.
+    """
+    encoder = load_encoder(name, device, precision)
+    return encoder.for_queries() if isinstance(encoder, TextEncoder) else encoder

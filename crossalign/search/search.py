@@ -16,7 +16,7 @@ from crossalign.align.mapper import check_encoder
 from crossalign.align.mapper_dir import MapperDir
 from crossalign.align.querybank import check_method
 from crossalign.config import ExtractConfig, QueryBankConfig
-from crossalign.encoders import ImageEncoder, TextEncoder, load_encoder
+from crossalign.encoders import ImageEncoder, TextEncoder, load_query_encoder
 from crossalign.search.rerank import NormalisedRanker
 from crossalign.search.resident import ResidentTable, fits_in_memory
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, open_table, table_metadata
@@ -132,17 +132,26 @@ class Searcher:
     def _encoder(self, modality: str) -> ImageEncoder | TextEncoder:
         if modality not in self._encoders:
             expected = self.mapper_config[f"{modality}_encoder"]
-            encoder = load_encoder(expected["encoder"], self._device, self._precision)
+            encoder = load_query_encoder(expected["encoder"], self._device, self._precision)
             check_encoder(self.mapper_config, modality, encoder.describe())
             self._encoders[modality] = encoder
         return self._encoders[modality]
 
     def embed_text(self, text: str) -> np.ndarray:
         """The joint vector of a text query."""
-        if not text.strip():
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """The joint vectors of text queries, one row each, encoded in one call (`crossalign serve` batches the
+        queries of concurrent requests: `crossalign.serve.batching`).
+
+        Raises:
+            QueryError: a query is empty.
+        """
+        if any(not text.strip() for text in texts):
             raise QueryError("the text query is empty")
-        features = self._encoder("text").encode([text])
-        return _joint(self.mapper.encode_text, features)
+        with torch.no_grad():
+            return self.mapper.encode_text(self._encoder("text").encode(texts)).numpy().astype(np.float32)
 
     def embed_image(self, path: Path | str) -> np.ndarray:
         """The joint vector of an image file.

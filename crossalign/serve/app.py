@@ -21,6 +21,7 @@ from crossalign.align import MapperMismatchError
 from crossalign.align.classify import DEFAULT_TEMPLATE, classify_images
 from crossalign.corpus.probe import ItemRejected, probe_image
 from crossalign.search import QueryError
+from crossalign.serve.batching import QUERY_ENCODER
 from crossalign.serve.config import ServeConfig
 from crossalign.serve.images import ImageFile, ImageNotFound, ImageStore
 from crossalign.serve.page import PAGE_HTML
@@ -101,7 +102,8 @@ def create_app(workspace: Workspace | Path | str, config: ServeConfig | None = N
         current = pool.current
         return {"status": "ok", "mapper_id": current.mapper_id, "versions": current.versions, "rows": current.rows,
                 "normalisation": current.searcher.normalisation, "loaded_at": current.loaded_at,
-                "last_check": pool.last_check, "reload_error": pool.last_error}
+                "last_check": pool.last_check, "reload_error": pool.last_error,
+                "text_queries": {"encoded": QUERY_ENCODER.texts, "encoder_calls": QUERY_ENCODER.batches}}
 
     @app.get("/api/tables", summary="Tables, row counts, mapper versions and zero-shot labels")
     def tables() -> dict[str, Any]:
@@ -180,7 +182,8 @@ def create_app(workspace: Workspace | Path | str, config: ServeConfig | None = N
         split: Annotated[str | None, Body(max_length=100)] = None,
         corpus: Annotated[str | None, Body(max_length=200)] = None,
     ) -> dict[str, Any]:
-        summary = classify_images(workspace, labels_, templates, split, corpus, config.device, config.precision)
+        with QUERY_ENCODER.lock:  # the text encoder is the one the searches share
+            summary = classify_images(workspace, labels_, templates, split, corpus, config.device, config.precision)
         labels.refresh()
         return {k: v for k, v in summary.to_dict().items() if k != "path"}
 

@@ -20,6 +20,7 @@ import numpy as np
 from crossalign.align.classify import read_labels
 from crossalign.search import QueryError, SearchHit
 from crossalign.search.rerank import MAX_DEPTH
+from crossalign.serve.batching import QUERY_ENCODER
 from crossalign.serve.images import ImageNotFound, check_image_id
 from crossalign.serve.state import Snapshot
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE
@@ -29,7 +30,6 @@ from crossalign.workspace import Workspace
 
 CAPTIONS_PER_IMAGE = 5
 TARGETS = (IMAGES_TABLE, CAPTIONS_TABLE)
-_model_lock = threading.Lock()  # one query encoding at a time: concurrent ones would only split the cores
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,19 @@ def text_search(snapshot: Snapshot, labels: LabelIndex, text: str, target: str, 
     if target == IMAGES_TABLE and mode != "vector":
         raise QueryError(f"mode {mode} searches caption text: use it with target captions")
     if mode == "vector":
-        with _model_lock:
-            vector = searcher.embed_text(text)
+        vector = QUERY_ENCODER.embed_text(searcher, text)
         return _paged(snapshot, labels, target, page, lambda depth: searcher.search_vector(
             target, vector, depth, page.split, page.corpus, normalise=target == IMAGES_TABLE))
     if not text.strip():
         raise QueryError("the text query is empty")
-    with _model_lock:  # hybrid embeds the text inside the search
+    with QUERY_ENCODER.lock:  # hybrid embeds the text inside the search
         return _paged(snapshot, labels, target, page,
                       lambda depth: searcher.text_to_text(text, depth, page.split, page.corpus, mode=mode))
 
 
 def image_search(snapshot: Snapshot, labels: LabelIndex, data: bytes, target: str, page: Page) -> list[dict]:
     """An uploaded image (already checked to be one) -> captions (normalised) or images (cosine)."""
-    with _model_lock:
+    with QUERY_ENCODER.lock:
         vector = snapshot.searcher.embed_image(io.BytesIO(data))  # PIL opens file objects as it opens paths
     return _paged(snapshot, labels, target, page, lambda depth: snapshot.searcher.search_vector(
         target, vector, depth, page.split, page.corpus, normalise=target == CAPTIONS_TABLE))

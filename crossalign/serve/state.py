@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from crossalign.search import Searcher
+from crossalign.serve.batching import QUERY_ENCODER
 from crossalign.serve.config import ServeConfig
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, mapper_versions, open_table
 from crossalign.store.tables import table_names
@@ -157,6 +158,6 @@ def _warm(searcher: Searcher) -> None:
     """Load the text encoder and read each table's normaliser floor now, not in the first request."""
     vector = np.zeros(searcher.metadata["dim"], dtype=np.float32)
     vector[0] = 1.0
-    searcher.embed_text("warm up")
+    QUERY_ENCODER.embed_text(searcher, "warm up")  # the encoders are shared with the requests in flight
     for name in TABLES:
         searcher.search_vector(name, vector, 1, normalise=True)
