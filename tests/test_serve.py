@@ -198,7 +198,7 @@ def test_concurrent_text_queries_each_get_their_own_hits(server: str, searcher: 
     for thread in threads:
         thread.join()
     after = httpx.get(f"{server}/health").json()["text_queries"]
-    assert after["encoded"] - before["encoded"] == len(QUERIES)
+    assert after["encoded"] - before["encoded"] + after["cached"] - before["cached"] == len(QUERIES)
     assert 1 <= after["encoder_calls"] - before["encoder_calls"] <= len(QUERIES)
     for text in QUERIES:
         expected = searcher.text_to_image(text, limit=5)
@@ -230,6 +230,17 @@ def test_queries_waiting_for_the_encoder_are_encoded_in_one_call(searcher: Searc
     with pytest.raises(QueryError, match="empty"):
         encoder.embed_text(searcher, "  ")
     assert encoder.texts == len(texts)
+    # A text asked again (the next page, a label filter) is answered from the cache, for its own Searcher only.
+    assert encoder.embed_text(searcher, texts[0]) is vectors[texts[0]] and not vectors[texts[0]].flags.writeable
+    assert (encoder.texts, encoder.cached) == (len(texts), 1)
+    other = Searcher(searcher.workspace, device="cpu", precision="fp32")  # a new snapshot: keys of its own
+    np.testing.assert_allclose(encoder.embed_text(other, texts[0]), vectors[texts[0]], atol=1e-4)
+    assert (encoder.texts, encoder.cached) == (len(texts) + 1, 1)
+    small = QueryEncoder(cache_size=2)
+    for text in texts[:3]:
+        small.embed_text(searcher, text)
+    small.embed_text(searcher, texts[0])  # the oldest of three went out
+    assert (small.texts, small.cached) == (4, 0)
 
 
 def test_a_training_caption_finds_its_image_first(client: httpx.Client, built: dict[str, Any]) -> None:
@@ -274,12 +285,15 @@ def test_more_like_this_starts_with_the_image_itself(client: httpx.Client, built
 def test_paging_and_filters(client: httpx.Client) -> None:
     query = {"q": "a blue shape"}
     whole = client.get("/api/search/text", params={**query, "limit": 8}).json()["hits"]
+    counted = client.get("/health").json()["text_queries"]
     page = client.get("/api/search/text", params={**query, "limit": 3, "offset": 2}).json()["hits"]
     assert [(h["rank"], h["id"]) for h in page] == [(h["rank"], h["id"]) for h in whole[2:5]]
     dev = client.get("/api/search/text", params={**query, "split": "dev", "limit": 10}).json()["hits"]
     assert len(dev) == 4 and {h["split"] for h in dev} == {"dev"}
     assert len(client.get("/api/search/text", params={**query, "corpus": "tiny", "limit": 12}).json()["hits"]) == 12
     assert client.get("/api/search/text", params={**query, "corpus": "other"}).json()["hits"] == []
+    now = client.get("/health").json()["text_queries"]  # one text, encoded once: the later pages hit the cache
+    assert (now["encoded"], now["cached"]) == (counted["encoded"], counted["cached"] + 4)
 
 
 def test_classify_endpoint_labels_every_image_and_search_filters_by_label(client: httpx.Client,

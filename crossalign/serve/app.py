@@ -103,7 +103,8 @@ def create_app(workspace: Workspace | Path | str, config: ServeConfig | None = N
         return {"status": "ok", "mapper_id": current.mapper_id, "versions": current.versions, "rows": current.rows,
                 "normalisation": current.searcher.normalisation, "loaded_at": current.loaded_at,
                 "last_check": pool.last_check, "reload_error": pool.last_error,
-                "text_queries": {"encoded": QUERY_ENCODER.texts, "encoder_calls": QUERY_ENCODER.batches}}
+                "text_queries": {"encoded": QUERY_ENCODER.texts, "encoder_calls": QUERY_ENCODER.batches,
+                                 "cached": QUERY_ENCODER.cached}}
 
     @app.get("/api/tables", summary="Tables, row counts, mapper versions and zero-shot labels")
     def tables() -> dict[str, Any]:

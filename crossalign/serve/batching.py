@@ -8,11 +8,18 @@ and hands each request its vector (group commit, as databases batch the commits 
 transactions). Nothing waits for a batch to fill: a lone request is encoded at once, alone, and gets the
 vector a `Searcher` gives for its text; in a batch, padding to the longest text changes a vector only by
 float rounding.
+
+The last `cache_size` vectors are kept per (Searcher, text): the page's "more results", a label filter and a
+repeated query do not encode their text again. A Searcher's mapper and encoders never change, so an entry
+never goes stale; a new snapshot's Searcher starts with keys of its own, and the old ones age out.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -21,12 +28,14 @@ import numpy as np
 from crossalign.search import QueryError, Searcher
 
 MAX_BATCH = 32
+CACHE_SIZE = 4096  # vectors of 512-2048 floats: 8-32 MB at most
 
 
 @dataclass
 class _Job:
     searcher: Searcher
     text: str
+    key: tuple[int, str]  # the cache's: the searcher's number in this QueryEncoder, and the text
     done: Future = field(default_factory=Future)
 
 
@@ -34,15 +43,19 @@ class QueryEncoder:
     """Encodes text queries of concurrent requests in shared batches (see the module); `lock` is the encoders'
     lock, which other encodings (an uploaded image, a hybrid search) hold too."""
 
-    def __init__(self, max_batch: int = MAX_BATCH) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self.max_batch = max_batch
+    def __init__(self, max_batch: int = MAX_BATCH, cache_size: int = CACHE_SIZE) -> None:
+        if max_batch < 1 or cache_size < 0:
+            raise ValueError("max_batch must be at least 1 and cache_size at least 0")
+        self.max_batch, self.cache_size = max_batch, cache_size
         self.lock = threading.Lock()  # one encoding at a time: concurrent ones would only split the cores
-        self._queue_lock = threading.Lock()
+        self._queue_lock = threading.Lock()  # guards the waiting list and the cache
         self._waiting: list[_Job] = []
-        self.batches = 0  # encoder calls made, and texts they encoded (read by tests and /health)
+        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._searchers: weakref.WeakKeyDictionary[Searcher, int] = weakref.WeakKeyDictionary()  # a number each
+        self._numbers = itertools.count()
+        self.batches = 0  # encoder calls made, texts they encoded, and texts answered from the cache (/health)
         self.texts = 0
+        self.cached = 0
 
     def embed_text(self, searcher: Searcher, text: str) -> np.ndarray:
         """The joint vector of `text` under `searcher`, as `searcher.embed_text` gives it.
@@ -52,8 +65,15 @@ class QueryEncoder:
         """
         if not text.strip():
             raise QueryError("the text query is empty")
-        job = _Job(searcher, text)
         with self._queue_lock:
+            if searcher not in self._searchers:
+                self._searchers[searcher] = next(self._numbers)
+            job = _Job(searcher, text, (self._searchers[searcher], text))
+            vector = self._cache.get(job.key)
+            if vector is not None:
+                self._cache.move_to_end(job.key)
+                self.cached += 1
+                return vector
             self._waiting.append(job)
         while not job.done.done():
             with self.lock:
@@ -70,14 +90,21 @@ class QueryEncoder:
             groups.setdefault(id(job.searcher), []).append(job)
         for jobs in groups.values():
             try:
-                vectors = jobs[0].searcher.embed_texts([job.text for job in jobs])
+                vectors = list(jobs[0].searcher.embed_texts([job.text for job in jobs]))  # one row object each
             except BaseException as err:  # the batch's requests each get the error; this thread goes on
                 for job in jobs:
                     job.done.set_exception(err)
                 if not isinstance(err, Exception):
                     raise
                 continue
-            self.batches, self.texts = self.batches + 1, self.texts + len(jobs)
+            with self._queue_lock:
+                self.batches, self.texts = self.batches + 1, self.texts + len(jobs)
+                for job, vector in zip(jobs, vectors):
+                    vector.setflags(write=False)  # shared by every request of this text
+                    self._cache[job.key] = vector
+                    self._cache.move_to_end(job.key)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
             for job, vector in zip(jobs, vectors):
                 job.done.set_result(vector)
 
