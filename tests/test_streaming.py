@@ -305,3 +305,26 @@ def _row_file(path: Path, matrix: torch.Tensor) -> RowFile:
     for block in matrix.split(17):
         writer.write(block)
     return writer.close()
+
+
+def test_reading_a_table_batch_by_batch_holds_one_batch_not_the_file(tmp_path: Path) -> None:
+    """`iter_batches` (what extraction plans, embedding and the split cache read corpus tables with) holds a
+    batch at a time: pyarrow's default pre-buffering kept every row group it had read until the end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from crossalign.corpus.rows import iter_batches
+
+    path, rows = tmp_path / "captions.parquet", 400_000
+    text = pa.array([f"caption {i:07d} " + "x" * 80 for i in range(rows)])
+    pq.write_table(pa.table({"caption_id": pa.array([f"{i:032x}" for i in range(rows)]), "text": text}), path,
+                   row_group_size=20_000, compression="none")
+    file_mb = path.stat().st_size / 2**20
+    before, most, seen = pa.total_allocated_bytes(), 0, 0
+    for first, batch in iter_batches(path, None, rows=10_000):
+        assert first == seen
+        seen += batch.num_rows
+        most = max(most, pa.total_allocated_bytes() - before)
+        del batch
+    assert seen == rows and file_mb > 40
+    assert most / 2**20 < file_mb / 4, f"held {most / 2**20:.1f} MB reading a {file_mb:.0f} MB file"

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from crossalign.align.rows import RowFile, RowWriter, chunk_rows
+from crossalign.corpus.rows import open_parquet
 from crossalign.extract.features import FeatureSet
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -223,7 +223,7 @@ def _write_features(ids: IdColumn, features: FeatureSet, path: Path) -> int:
 def _split_batches(path: Path, split: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
     if not path.exists():
         raise WorkspaceError(f"{path} does not exist: ingest the corpus first")
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=ID_BATCH, columns=[*columns, "split"]):
+    for batch in open_parquet(path).iter_batches(batch_size=ID_BATCH, columns=[*columns, "split"]):
         yield batch.filter(pc.equal(batch.column("split"), split))
 
 

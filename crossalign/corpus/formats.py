@@ -31,6 +31,7 @@ from crossalign.corpus.folder import (
     inside_root,
     read_jsonl_records,
 )
+from crossalign.corpus.rows import open_parquet
 
 FORMATS = CORPUS_FORMATS  # "auto" aside: it picks one of these
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -104,15 +105,13 @@ def _table_file(root: Path, options: CorpusConfig, suffix: str) -> Path:
 
 
 def _read_table(root: Path, options: CorpusConfig, fmt: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
     from crossalign.corpus.delimited import read_delimited
 
     path = _table_file(root, options, fmt)
     if fmt != "parquet":
         yield from _group_rows(read_delimited(path, "\t" if fmt == "tsv" else ","), options, path)
         return
-    parquet = pq.ParquetFile(path)
+    parquet = open_parquet(path)  # batch by batch, in bounded memory: image bytes included
     names = parquet.schema_arrow.names
     embedded = _embedded_column(parquet.schema_arrow)
     caption_column = _caption_column(names, options)

@@ -18,6 +18,7 @@ from crossalign.corpus.accounting import Ledger, accounting_line
 from crossalign.corpus.folder import BadRecord, CorpusRecord
 from crossalign.corpus.formats import read_records
 from crossalign.corpus.probe import ItemRejected, clean_caption, printable, probe_image, read_file_inside
+from crossalign.corpus.rows import open_parquet
 from crossalign.corpus.schema import CAPTIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA
 from crossalign.workspace import Workspace, WorkspaceError
 
@@ -158,7 +159,7 @@ class _Seen:
     def compare_with(self, images_table: Path) -> tuple[int, int, list[str]]:
         """(added, removed, the first 20 removed ids) against the images table of the previous ingest."""
         if images_table.exists():
-            for batch in pq.ParquetFile(images_table).iter_batches(columns=["image_id"], batch_size=65536):
+            for batch in open_parquet(images_table).iter_batches(columns=["image_id"], batch_size=65536):
                 ids = ((bytes.fromhex(image_id),) for image_id in batch.column(0).to_pylist())
                 self.db.executemany("INSERT OR IGNORE INTO previous VALUES (?)", ids)
         added = self.db.execute("SELECT COUNT(*) FROM images WHERE id NOT IN (SELECT id FROM previous)").fetchone()[0]

