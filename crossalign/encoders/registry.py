@@ -201,7 +201,6 @@ def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> En
     return entry.factory(resolve_runtime(device, precision, entry.cpu_precisions))
 
 
-
 def load_query_encoder(name: str, device: str = "auto", precision: str = "auto") -> Encoder:
     """`load_encoder`'s encoder in the form for a few texts per call (`TextEncoder.for_queries`): what searches
     encode their queries with. Made once per loaded encoder; an image encoder is itself.

@@ -68,12 +68,13 @@ class QueryEncoder:
         with self._queue_lock:
             if searcher not in self._searchers:
                 self._searchers[searcher] = next(self._numbers)
-            job = _Job(searcher, text, (self._searchers[searcher], text))
-            vector = self._cache.get(job.key)
+            key = self._searchers[searcher], text
+            vector = self._cache.get(key)
             if vector is not None:
-                self._cache.move_to_end(job.key)
+                self._cache.move_to_end(key)
                 self.cached += 1
                 return vector
+            job = _Job(searcher, text, key)
             self._waiting.append(job)
         while not job.done.done():
             with self.lock:
