@@ -3,6 +3,7 @@ queries through the in-process `Searcher` (one thread), in one run.
 
     python benchmarks/serve.py [--workspace W] [--corpus DIR] [--queries-1 200] [--queries-8 400]
                                [--queries-32 640] [--limit 10] [--device auto] [--precision auto]
+                               [--compile auto|on|off] [--no-autotune]
 
 The workspace is used as it is when it has tables (the service only reads it); otherwise it is built first with
 `crossalign run --corpus DIR --workspace W` (Flickr8k with the default encoders: about 20 minutes on 2 CPU cores).
@@ -12,7 +13,9 @@ phase gets its own, so no phase is helped by what an earlier one cached, and the
 turns on quarters of them so that other work on the machine weighs on both alike. The server
 is the console command in its own process, on a free port of 127.0.0.1, with its defaults (access log
 included, written to a file); each client is a thread with its own keep-alive
-HTTP connection. It prints a table, then one line:
+HTTP connection. The service compiles its text query encoder in the background (`--compile`, as
+`crossalign serve`); the run waits for that to end, and the in-process Searcher's encoder is compiled alike, so
+both answer with the same code. It prints a table, then one line:
 
     p50_ms_1=… p95_ms_32=… qps_8=… qps_ratio_8=… failed=…
 
@@ -87,7 +90,8 @@ def free_port() -> int:
 def start_server(workspace: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [*crossalign_command(), "serve", "--workspace", str(workspace), "--port", str(port),
-               "--device", args.device, "--precision", args.precision]
+               "--device", args.device, "--precision", args.precision, "--compile", args.compile,
+               "--autotune" if args.autotune else "--no-autotune"]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "LANCE_LOG": "error"})
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
@@ -99,6 +103,16 @@ def start_server(workspace: Path, args: argparse.Namespace, log: Path) -> tuple[
             time.sleep(0.5)
     process.kill()
     raise SystemExit(f"crossalign serve did not start; its log:\n{log.read_text()[-3000:]}")
+
+
+def wait_for_compile(base: str, timeout_s: float = 1800) -> dict:
+    """The service's query compile status once it has ended (compiled, failed or off)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = httpx.get(f"{base}/health", timeout=30).json()["query_compile"]
+        if status["state"] not in ("waiting", "compiling") or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
 
 
 @dataclass
@@ -160,10 +174,12 @@ def run_clients(base: str, queries: list[str], clients: int, limit: int) -> Tall
 class InProcess:
     """One in-process Searcher, loaded and warmed once, running queries one after the other."""
 
-    def __init__(self, workspace: Path, args: argparse.Namespace, warmup: list[str]) -> None:
+    def __init__(self, workspace: Path, args: argparse.Namespace, warmup: list[str], compile: bool) -> None:
         from crossalign.search import Searcher
 
         self.searcher, self.limit = Searcher(workspace, device=args.device, precision=args.precision), args.limit
+        if compile:  # as the service's (Inductor's disk cache has its kernels by now)
+            self.searcher.compile_queries(args.autotune)
         for text in warmup:
             self.searcher.text_to_image(text, limit=self.limit)
 
@@ -188,6 +204,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="the service's --compile (the in-process Searcher follows what the service did)")
+    parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -204,9 +223,11 @@ def main() -> None:
     log = Path(tempfile.mkdtemp(prefix="crossalign-serve-bench-")) / "serve.log"
     process, base = start_server(workspace, args, log)
     try:
+        print("waiting for the service to compile its query encoder ...", flush=True)
+        compiled = wait_for_compile(base)
         health = httpx.get(f"{base}/health").json()
         run_clients(base, queries[:WARMUP_QUERIES], 1, args.limit)
-        in_process = InProcess(workspace, args, queries[:WARMUP_QUERIES])
+        in_process = InProcess(workspace, args, queries[:WARMUP_QUERIES], compiled["state"] == "compiled")
         tallies = {clients: Tally() for clients in CLIENTS} | {"in-process": Tally()}
         tallies[1].add(run_clients(base, phases[1], 1, args.limit))
         for part in range(ROUNDS):  # alternating, so that other work on the machine weighs on both alike
@@ -221,6 +242,8 @@ def main() -> None:
     print(f"\nworkspace {workspace}: mapper {health['mapper_id']}, {health['rows']['images']} images, "
           f"{health['rows']['captions']} captions; text -> image, limit {args.limit}; "
           f"{' '.join(f'{k}={os.environ[k]}' for k in SERVE_ENVIRONMENT)} in both processes; server log {log}")
+    print(f"query encoder: {compiled['state']} (setting {compiled['setting']}, "
+          f"{compiled['seconds']} s{', ' + compiled['error'] if compiled['error'] else ''}) in both")
     print(f"{'clients':<24}{'queries':>8}{'failed':>8}{'p50 ms':>9}{'p95 ms':>9}{'queries/s':>11}")
     for name, r in results.items():
         label = f"{name} (service)" if name != "in-process" else "in-process Searcher (1)"

@@ -446,5 +446,30 @@ def test_query_encoders_keep_reduced_precision_weights_and_the_features() -> Non
     assert (F.cosine_similarity(reference, single, dim=-1) >= 0.999).all()
     assert (F.cosine_similarity(batched, single, dim=-1) >= 0.9999).all()  # padded to the longest: rounding only
     assert queries.describe() == load_encoder(both, "cpu", "bf16").describe()
-    for name in (TEXT_ENCODER, IMAGE_ENCODER):  # fp32 text, and images: the encoder itself
-        assert load_query_encoder(name, "cpu", "fp32") is load_encoder(name, "cpu", "fp32")
+    fp32 = load_query_encoder(TEXT_ENCODER, "cpu", "fp32")  # in fp32: a form of its own that shares the model
+    assert fp32 is not load_encoder(TEXT_ENCODER, "cpu", "fp32")
+    assert fp32._model is load_encoder(TEXT_ENCODER, "cpu", "fp32")._model
+    assert load_query_encoder(IMAGE_ENCODER, "cpu", "fp32") is load_encoder(IMAGE_ENCODER, "cpu", "fp32")
+
+
+@pytest.mark.skipif(not can_compile_on_cpu(), reason="torch.compile on the CPU needs g++ and the Python headers")
+def test_compiled_query_encoders_give_the_eager_features_without_compiling_again() -> None:
+    """`compile_queries` swaps a compiled model into the query form only, built on synthetic batches so that
+    no later batch (1 to 32 texts, 2 to 128 tokens, padded) compiles again, with the eager features."""
+    from crossalign.encoders import load_query_encoder
+
+    queries = load_query_encoder(TEXT_ENCODER, "cpu", "fp32")
+    texts = [*SENTENCES, "a dog", "word " * 300]  # the last one is cut at 128 tokens
+    single = torch.cat([queries.encode([text]) for text in texts])
+    batches = [texts, texts * 4, texts[:2]]  # 32 texts in one call, and two
+    eager = [queries.encode(batch) for batch in batches]
+    assert queries.compile_queries(autotune=False) is True
+    assert isinstance(queries._model, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(load_encoder(TEXT_ENCODER, "cpu", "fp32")._model, torch._dynamo.eval_frame.OptimizedModule)
+    with torch.compiler.set_stance("fail_on_recompile"):  # raises if a batch needed a new graph
+        compiled_single = torch.cat([queries.encode([text]) for text in texts])
+        compiled = [queries.encode(batch) for batch in batches]
+    assert (F.cosine_similarity(compiled_single, single, dim=-1) >= 0.9999).all()
+    for before, after in zip(eager, compiled):
+        assert (F.cosine_similarity(before, after, dim=-1) >= 0.9999).all()
+    assert queries.compile_queries(autotune=False) is True  # once per query form

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from crossalign.align import fit_mapper
 from crossalign.align.classify import labels_path
 from crossalign.config import TrainConfig
 from crossalign.corpus import read_images
+from crossalign.encoders.base import can_compile_on_cpu
 from crossalign.search import Searcher
 from crossalign.store import embed_corpus
 from crossalign.workspace import Workspace
@@ -96,7 +98,8 @@ def server(built: dict[str, Any]) -> Iterator[str]:
     command = [sys.executable, "-c", "from crossalign.cli import main; main()", "serve",
                "--workspace", str(built["workspace"].root), "--port", str(port), "--refresh-seconds", "0.5",
                "--max-upload-mb", str(MAX_UPLOAD_BYTES / 2**20), "--max-upload-pixels", str(MAX_UPLOAD_PIXELS),
-               "--device", ENCODER_RUNTIME["device"], "--precision", ENCODER_RUNTIME["precision"]]
+               "--device", ENCODER_RUNTIME["device"], "--precision", ENCODER_RUNTIME["precision"],
+               "--compile", "on" if can_compile_on_cpu() else "off", "--no-autotune"]  # autotuning: minutes more
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "LANCE_LOG": "error", "OMP_NUM_THREADS": "1"})
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + SERVER_START_S
@@ -597,6 +600,28 @@ def _wait_health(client: httpx.Client, ready: Any, timeout_s: float = 60) -> dic
         if ready(health) or time.monotonic() > deadline:
             return health
         time.sleep(0.25)
+
+
+@pytest.mark.skipif(not can_compile_on_cpu(), reason="torch.compile on the CPU needs g++ and the Python headers")
+def test_the_query_encoder_compiles_in_the_background_and_keeps_the_answers(server: str, client: httpx.Client,
+                                                                             searcher: Searcher) -> None:
+    """The service answered from its start (the tests above ran meanwhile); once the compiled encoder is in, the
+    answers of concurrent clients are still the in-process (eager) Searcher's."""
+    health = _wait_health(client, lambda h: h["query_compile"]["state"] not in ("waiting", "compiling"), 300)
+    assert health["query_compile"]["state"] == "compiled", health["query_compile"]
+    assert health["query_compile"]["setting"] == "on" and health["query_compile"]["seconds"] > 0
+    texts = [f"{text} again" for text in QUERIES]  # not in the vector cache
+
+    def ask(text: str) -> httpx.Response:
+        with httpx.Client(base_url=server, timeout=60) as http:
+            return http.get("/api/search/text", params={"q": text, "limit": 5})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, texts))
+    for text, answer in zip(texts, answers):
+        expected = searcher.text_to_image(text, limit=5)
+        assert [hit["id"] for hit in answer.json()["hits"]] == [hit.id for hit in expected], text
+        assert [hit["score"] for hit in answer.json()["hits"]] == pytest.approx([h.score for h in expected], abs=2e-3)
 
 
 def test_new_rows_and_a_new_mapper_are_served_without_a_restart(server: str, client: httpx.Client,

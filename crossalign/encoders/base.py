@@ -261,3 +261,8 @@ class TextEncoder(Encoder):
         """The encoder to use for a few texts per call (search queries): itself, unless a subclass has a faster
         form for that (`HFTextEncoder.for_queries`)."""
         return self
+
+    def compile_queries(self, autotune: bool = True) -> bool:
+        """Compile the form `for_queries` returns, for the calls after this one; False where there is none to
+        compile (`HFTextEncoder.compile_queries` has)."""
+        return False

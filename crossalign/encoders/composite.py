@@ -92,3 +92,7 @@ class CompositeTextEncoder(_Parts, TextEncoder):
 
     def for_queries(self) -> CompositeTextEncoder:
         return CompositeTextEncoder([part.for_queries() for part in self.parts])
+
+    def compile_queries(self, autotune: bool = True) -> bool:
+        compiled = [part.compile_queries(autotune) for part in self.parts]  # every part, even after a False
+        return any(compiled)

@@ -137,6 +137,16 @@ class Searcher:
             self._encoders[modality] = encoder
         return self._encoders[modality]
 
+    def compile_queries(self, autotune: bool = True) -> bool:
+        """Compile the text query encoder for the queries after this call (`HFTextEncoder.compile_queries`):
+        worth it for a process that answers many queries, as `crossalign serve` does. False where the encoder
+        has no compiled form.
+
+        Raises:
+            whatever Inductor raises; the eager encoder stays in place.
+        """
+        return self._encoder("text").compile_queries(autotune)
+
     def embed_text(self, text: str) -> np.ndarray:
         """The joint vector of a text query."""
         return self.embed_texts([text])[0]

@@ -104,7 +104,8 @@ def create_app(workspace: Workspace | Path | str, config: ServeConfig | None = N
                 "normalisation": current.searcher.normalisation, "loaded_at": current.loaded_at,
                 "last_check": pool.last_check, "reload_error": pool.last_error,
                 "text_queries": {"encoded": QUERY_ENCODER.texts, "encoder_calls": QUERY_ENCODER.batches,
-                                 "cached": QUERY_ENCODER.cached}}
+                                 "cached": QUERY_ENCODER.cached},
+                "query_compile": pool.compiler.status()}
 
     @app.get("/api/tables", summary="Tables, row counts, mapper versions and zero-shot labels")
     def tables() -> dict[str, Any]:

@@ -39,6 +39,12 @@ def serve(
     normalise: Annotated[Optional[str], typer.Option(
         "--normalise", help="Cross-modal scores: inverted_softmax, dynamic or none (default: as search).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = SERVE.access_log,
+    compile: Annotated[str, typer.Option(
+        help="torch.compile the text query encoders in the background: auto (on the CPU where a C++ compiler is "
+        "found), on, off.")] = SERVE.compile,
+    autotune: Annotated[bool, typer.Option(
+        help="When compiling, time Inductor's GEMM kernels (a slower first compile, faster queries).")] = (
+        SERVE.autotune),
 ) -> None:
     """Serve the tables: a JSON API (docs at /docs) and a search page at /, answering from the latest versions."""
     for name, value in SERVE_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
@@ -51,7 +57,8 @@ def serve(
     config = ServeConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * MB),
                          max_upload_pixels=max_upload_pixels, cors_origins=cors_origin or [],
                          image_roots=image_root or [], refresh_seconds=refresh_seconds, device=device,
-                         precision=precision, normalisation=normalise, access_log=access_log)
+                         precision=precision, normalisation=normalise, access_log=access_log, compile=compile,
+                         autotune=autotune)
     listener = _listen(config.host, config.port)  # a taken port fails now, before the encoders load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

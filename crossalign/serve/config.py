@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from crossalign.config import CorpusConfig, ExtractConfig, Precision
+from crossalign.config import CompileMode, CorpusConfig, ExtractConfig, Precision
 
 _EXTRACT = ExtractConfig()
 # Set for `crossalign serve` unless the environment says otherwise. Each request runs the query encoder (torch's
@@ -40,4 +40,10 @@ class ServeConfig(BaseModel):
     device: str = Field(default=_EXTRACT.device, description="Where query encoders run.")
     precision: Precision = Field(default=_EXTRACT.precision, description="Query encoders' precision.")
     normalisation: str | None = Field(default=None, description="Cross-modal scores; default the query bank's.")
+    compile: CompileMode = Field(
+        default="auto",
+        description="torch.compile the text query encoders in the background after start (queries run eagerly "
+        "until it is done): 'auto' does on the CPU where Inductor can build kernels.")
+    autotune: bool = Field(default=True, description="When compiling, let Inductor time its GEMM kernels: a slower "
+                           "first compile (about 2 minutes for the default encoders), faster queries.")
     access_log: bool = Field(default=True, description="Log one line per request.")

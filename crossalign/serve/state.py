@@ -22,6 +22,7 @@ import numpy as np
 
 from crossalign.search import Searcher
 from crossalign.serve.batching import QUERY_ENCODER
+from crossalign.serve.compiling import QueryCompiler
 from crossalign.serve.config import ServeConfig
 from crossalign.store import CAPTIONS_TABLE, IMAGES_TABLE, StoreMismatchError, connect, mapper_versions, open_table
 from crossalign.store.tables import table_names
@@ -76,6 +77,7 @@ class SearcherPool:
         self._lock = threading.Lock()  # guards the older mappers' cache, not the current reference
         self._older: dict[str, Snapshot] = {}
         self._known_mappers: set[str] = set()
+        self.compiler = QueryCompiler(config)
         self.current = self._build(None)
         self._refresh_known()
         self.last_check, self.last_error = time.time(), None
@@ -90,6 +92,7 @@ class SearcherPool:
         snapshot = Snapshot(searcher, tables, {n: t.version for n, t in tables.items()},
                             {n: t.count_rows() for n, t in tables.items()})
         _warm(searcher)
+        self.compiler.submit(searcher)  # a no-op once its encoders are compiled (they are shared)
         return snapshot
 
     def _refresh_known(self) -> None:
@@ -139,13 +142,15 @@ class SearcherPool:
         return True
 
     def start(self) -> None:
-        """Start the watcher thread (idempotent)."""
+        """Start the watcher and compiler threads (idempotent)."""
+        self.compiler.start()
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="crossalign-serve-watch", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.compiler.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
