@@ -624,6 +624,39 @@ def test_the_query_encoder_compiles_in_the_background_and_keeps_the_answers(serv
         assert [hit["score"] for hit in answer.json()["hits"]] == pytest.approx([h.score for h in expected], abs=2e-3)
 
 
+FAILED_COMPILE = """
+import sys, time
+from crossalign.search import Searcher
+from crossalign.serve.compiling import QueryCompiler
+from crossalign.serve.config import ServeConfig
+searcher = Searcher(sys.argv[1], device="cpu", precision="fp32")
+before = [hit.id for hit in searcher.text_to_image("a red circle", limit=5)]
+compiler = QueryCompiler(ServeConfig(compile="auto", autotune=False, device="cpu"))
+compiler.submit(searcher)
+compiler.start()
+deadline = time.monotonic() + 240
+while compiler.state in ("waiting", "compiling") and time.monotonic() < deadline:
+    time.sleep(0.2)
+compiler.submit(searcher)  # a reload: no second attempt
+compiler.stop()
+compiler._thread.join(60)
+after = [hit.id for hit in searcher.text_to_image("a red circle", limit=5)]
+print(compiler.state, searcher.queries_compiled, after == before, compiler.error, sep="|")
+"""
+
+
+def test_a_failed_compile_leaves_the_eager_encoder_serving(built: dict[str, Any], tmp_path: Path) -> None:
+    """A C++ compiler that fails (here `false`, with an empty Inductor cache): the state says failed with the
+    error, the encoder stays eager and answers as before, and no reload tries again."""
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "LANCE_LOG": "error", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", FAILED_COMPILE, str(built["workspace"].root)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state, compiled, same, error = done.stdout.strip().splitlines()[-1].split("|", 3)
+    assert (state, compiled, same) == ("failed", "False", "True") and error and error != "None"
+
+
 def test_new_rows_and_a_new_mapper_are_served_without_a_restart(server: str, client: httpx.Client,
                                                                 built: dict[str, Any]) -> None:
     workspace, corpus_root = built["workspace"], built["corpus_root"]

@@ -266,3 +266,8 @@ class TextEncoder(Encoder):
         """Compile the form `for_queries` returns, for the calls after this one; False where there is none to
         compile (`HFTextEncoder.compile_queries` has)."""
         return False
+
+    @property
+    def queries_compiled(self) -> bool:
+        """Whether the form `for_queries` returns runs compiled (`compile_queries`)."""
+        return False

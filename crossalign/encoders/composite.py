@@ -96,3 +96,7 @@ class CompositeTextEncoder(_Parts, TextEncoder):
     def compile_queries(self, autotune: bool = True) -> bool:
         compiled = [part.compile_queries(autotune) for part in self.parts]  # every part, even after a False
         return any(compiled)
+
+    @property
+    def queries_compiled(self) -> bool:
+        return all(part.queries_compiled for part in self.parts)

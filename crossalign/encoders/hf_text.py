@@ -148,6 +148,10 @@ class HFTextEncoder(TextEncoder):
                 queries._model, queries._compiled = compiled, True
         return True
 
+    @property
+    def queries_compiled(self) -> bool:
+        return self._queries is not None and self._queries._compiled
+
     def _example_tokens(self, rows: int, length: int) -> dict[str, torch.Tensor]:
         """A synthetic padded batch as `batches` forms it (the tokenizer itself may be busy in a request)."""
         tokenizer = self._tokenizer

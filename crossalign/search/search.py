@@ -147,6 +147,11 @@ class Searcher:
         """
         return self._encoder("text").compile_queries(autotune)
 
+    @property
+    def queries_compiled(self) -> bool:
+        """Whether text queries run through a compiled encoder (`compile_queries`)."""
+        return self._encoder("text").queries_compiled
+
     def embed_text(self, text: str) -> np.ndarray:
         """The joint vector of a text query."""
         return self.embed_texts([text])[0]

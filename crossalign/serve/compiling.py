@@ -39,7 +39,7 @@ class QueryCompiler:
 
     `status()` is what /health shows: the setting, the state ("off", "waiting", "compiling", "compiled",
     "eager": nothing to compile, "failed"), the seconds the last compile took and its error. A failure is
-    logged and the encoders stay eager.
+    logged, and the encoders stay eager until a restart (no new attempt on each table reload).
     """
 
     def __init__(self, config: ServeConfig) -> None:
@@ -52,8 +52,6 @@ class QueryCompiler:
 
     def submit(self, searcher: Searcher) -> None:
         if self.enabled:
-            if self.state != "compiling":
-                self.state = "waiting"
             self._queue.put(searcher)
 
     def start(self) -> None:
@@ -71,6 +69,11 @@ class QueryCompiler:
 
     def _run(self) -> None:
         while (searcher := self._queue.get()) is not None:
+            if self.state == "failed":  # not again for each reload: the eager encoders serve until a restart
+                continue
+            if searcher.queries_compiled:  # a reload's Searcher: the encoders are shared, and compiled already
+                self.state = "compiled"
+                continue
             self.state, started = "compiling", time.perf_counter()
             logger.info("compiling the text query encoder in the background (requests run eagerly until then; "
                         "a minute or two the first time, less from Inductor's disk cache)")
@@ -83,7 +86,6 @@ class QueryCompiler:
                 continue
             finally:
                 self.seconds = round(time.perf_counter() - started, 1)
-            if self._queue.empty():
-                self.state, self.error = ("compiled" if compiled else "eager"), None
+            self.state = "compiled" if compiled else "eager"
             logger.info("text query encoder %s in %.0f s", "compiled" if compiled else "left eager (nothing to "
                         "compile)", self.seconds)
