@@ -1,11 +1,11 @@
 """The service's text query encoders, compiled in a background thread while the service already answers.
 
-On a CPU a query's encoder call is mostly Python and framework overhead around small matrix products:
-`torch.compile` removes most of it (one Flickr8k caption through MiniLM + mpnet-base: 26-29 ms against 42-50 ms
-eager on 2 cores; `HFTextEncoder.compile_queries`). Compiling takes a minute or two, so the service does not
-wait for it: requests run on the eager encoders until the compiled ones are swapped in. Encoders are shared by
-every snapshot's Searcher (loaded once per process), so a table reload compiles nothing new; a mapper with
-other encoders gets its own compile.
+On a CPU a query's encoder call is small matrix products plus Python and framework overhead around them:
+`torch.compile` removes part of that overhead (one Flickr8k caption through MiniLM + mpnet-base: 41.0 ms against
+50.6 ms eager, side by side on 2 cores; `HFTextEncoder.compile_queries`, benchmarks/query_compile.py).
+Compiling takes a minute or two, so the service does not wait for it: requests run on the eager encoders until
+the compiled ones are swapped in. Encoders are shared by every snapshot's Searcher (loaded once per process), so
+a table reload compiles nothing new; a mapper with other encoders gets its own compile.
 """
 
 from __future__ import annotations
