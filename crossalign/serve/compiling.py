@@ -16,9 +16,7 @@ import threading
 import time
 from typing import Any
 
-import torch
-
-from crossalign.encoders.base import can_compile_on_cpu
+from crossalign.encoders.base import can_compile_on_cpu, resolve_runtime
 from crossalign.search import Searcher
 from crossalign.serve.config import ServeConfig
 
@@ -30,8 +28,7 @@ def should_compile_queries(config: ServeConfig) -> bool:
     Inductor can build kernels (a C++ compiler and Python's headers)."""
     if config.compile != "auto":
         return config.compile == "on"
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    return on_cpu and can_compile_on_cpu()
+    return resolve_runtime(config.device).device.type == "cpu" and can_compile_on_cpu()
 
 
 class QueryCompiler:
